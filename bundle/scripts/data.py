@@ -1,0 +1,34 @@
+"""Reads an MSD task folder and splits its labelled cases reproducibly (MONAI has no seeded, persisted split)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+
+def load_training_list(dataset_dir: str) -> list[dict[str, str]]:
+    """The `training` list of `dataset_dir/dataset.json`, with paths made absolute."""
+    with open(os.path.join(dataset_dir, "dataset.json"), encoding="utf-8") as f:
+        cases = json.load(f)["training"]
+    return [{key: os.path.abspath(os.path.join(dataset_dir, path)) for key, path in case.items()} for case in cases]
+
+
+def split_dataset(
+    dataset_dir: str, split_seed: int = 0, train_split: float = 0.9, output_dir: str | None = None
+) -> dict[str, list[dict[str, str]]]:
+    """Shuffle the labelled cases with `split_seed` and split them into `training` and `validation`.
+
+    The split depends only on the case list and the seed; it is written to `output_dir/split.json` when given.
+    """
+    if not 0.0 < train_split <= 1.0:
+        raise ValueError(f"train_split must be in (0, 1], got {train_split}.")
+    cases = sorted(load_training_list(dataset_dir), key=lambda case: case["image"])
+    random.Random(split_seed).shuffle(cases)
+    n_train = min(len(cases), max(1, round(train_split * len(cases))))
+    split = {"training": cases[:n_train], "validation": cases[n_train:]}
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "split.json"), "w", encoding="utf-8") as f:
+            json.dump({"split_seed": split_seed, "train_split": train_split, **split}, f, indent=2)
+    return split
