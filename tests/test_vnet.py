@@ -1,0 +1,74 @@
+"""The V-Net port: shapes, parameter count, TorchScript, and input size checks."""
+
+import pytest
+import torch
+
+from scripts.vnet import VNet
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        ({}, (2, 1, 32, 32, 32)),
+        ({"out_channels": 2, "kernel_size": 5, "act": "prelu"}, (1, 1, 16, 24, 40)),
+        ({"norm": "instance", "pooling": "max_pool", "upsampling": "trilinear"}, (1, 1, 16, 16, 16)),
+        ({"norm": "none", "pooling": "avg_pool", "full_res_skip": True}, (1, 1, 48, 64, 48)),
+        ({"in_channels": 2, "downscale_blocks": (1, 2), "upscale_blocks": (1,)}, (1, 2, 12, 8, 4)),
+    ],
+)
+def test_output_shape(kwargs, shape):
+    net = VNet(**kwargs).eval()
+    with torch.no_grad():
+        out = net(torch.randn(shape))
+    assert out.shape == (shape[0], kwargs.get("out_channels", 3), *shape[2:])
+    assert torch.isfinite(out).all()
+
+
+def test_parameter_count_matches_seed():
+    assert sum(p.numel() for p in VNet().parameters()) == 3_599_747
+
+
+def test_full_res_skip_changes_only_the_output_conv():
+    plain, skip = VNet(), VNet(full_res_skip=True)
+    assert skip.output_conv.in_channels == 2 * plain.output_conv.in_channels
+    # the input block output reaches the logits directly only through the skip
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_skip = sum(p.numel() for p in skip.parameters())
+    assert n_skip - n_plain == 16 * 3 * 27
+
+
+def test_torchscript_matches_eager():
+    torch.manual_seed(0)
+    net = VNet(full_res_skip=True).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_spatial_size_says_which_sizes_work():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        VNet()(torch.randn(1, 1, 30, 32, 32))
+    with pytest.raises(torch.jit.Error, match="divisible by 8"):
+        torch.jit.script(VNet())(torch.randn(1, 1, 32, 32, 36))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"kernel_size": 4}, {"act": "elu"}, {"norm": "group"}, {"pooling": "stride"}, {"upscale_blocks": (3, 3, 3)}],
+)
+def test_bad_arguments_rejected(kwargs):
+    with pytest.raises(ValueError):
+        VNet(**kwargs)
+
+
+def test_input_broadcast_added_to_first_features():
+    net = VNet(norm="none").eval()
+    # with the input conv zeroed and ReLU, the input block passes the input through to all 16 channels
+    torch.nn.init.zeros_(net.input_conv[0].weight)
+    features = {}
+    net.down_levels[0].register_forward_hook(lambda m, inp, out: features.update(x=inp[0]))
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        net(x)
+    assert torch.allclose(features["x"], x.expand(1, 16, 8, 8, 8))
