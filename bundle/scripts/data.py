@@ -32,3 +32,11 @@ def split_dataset(
         with open(os.path.join(output_dir, "split.json"), "w", encoding="utf-8") as f:
             json.dump({"split_seed": split_seed, "train_split": train_split, **split}, f, indent=2)
     return split
+
+
+def evaluation_cases(split: dict[str, list[dict[str, str]]], eval_split: str = "validation") -> list[dict[str, str]]:
+    """Cases to evaluate: the validation split, or every labelled case (`all`); each also as `label_orig`."""
+    if eval_split not in ("validation", "all"):
+        raise ValueError(f"eval_split must be 'validation' or 'all', got {eval_split!r}.")
+    cases = split["validation"] if eval_split == "validation" else split["training"] + split["validation"]
+    return [dict(case, label_orig=case["label"]) for case in cases]

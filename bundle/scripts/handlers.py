@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -30,3 +34,92 @@ class PerClassMetrics:
                 raise ValueError(f"metric {name} has {values.numel()} values for classes {self.class_names}.")
             for class_name, value in zip(self.class_names, values.tolist()):
                 engine.state.metrics[f"{name}_{class_name}"] = value
+
+
+def voxel_spacing(image: torch.Tensor) -> list[float]:
+    """Voxel size in mm along each array axis, from the MetaTensor's affine."""
+    affine = torch.as_tensor(image.meta["affine"], dtype=torch.float64)
+    return torch.linalg.norm(affine[:3, :3], dim=0).tolist()
+
+
+def soft_dice(probabilities: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class soft Dice of softmax `probabilities` (C, ...) against an index `label` (1, ...): the seed's measure."""
+    one_hot = torch.nn.functional.one_hot(label[0].long(), num_classes).movedim(-1, 0).to(probabilities)
+    dims = tuple(range(1, probabilities.ndim))
+    intersection = (probabilities * one_hot).sum(dims)
+    return 2 * intersection / (probabilities.sum(dims) + one_hot.sum(dims)).clamp_min(1e-8)
+
+
+class CaseMetricsReport:
+    """Per case and class: Dice, HD95 (mm) and normalized surface Dice, in each scan's own grid, plus the
+    seed's soft Dice in the resized space; writes `metrics.csv` and `summary.json` and logs a table.
+
+    MONAI's metric handlers cannot pass each case's voxel spacing, which HD95 and NSD in mm need.
+    Reads `pred`/`label` (one-hot, original grid) and `pred_resized`/`label_resized` from the evaluator output.
+    """
+
+    def __init__(self, output_dir: str, class_names: Sequence[str], nsd_tolerance_mm: float = 1.0) -> None:
+        self.output_dir = output_dir
+        self.class_names = list(class_names)
+        self.nsd_tolerance_mm = nsd_tolerance_mm
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+        foreground = self.class_names[1:]
+        for item in engine.state.output:
+            pred, label = item["pred"][None].float(), item["label"][None].float()
+            spacing = voxel_spacing(item["label"])
+            values = {
+                "dice": compute_dice(pred, label, include_background=False)[0],
+                "hd95": compute_hausdorff_distance(pred, label, percentile=95, spacing=spacing)[0],
+                "nsd": compute_surface_dice(
+                    pred, label, [self.nsd_tolerance_mm] * len(foreground), spacing=spacing
+                )[0],
+                "seed_soft_dice": soft_dice(item["pred_resized"], item["label_resized"], len(self.class_names))[1:],
+            }
+            row = {"case": os.path.basename(str(item["label"].meta["filename_or_obj"]))}
+            for metric, per_class in values.items():
+                for name, value in zip(foreground, per_class.tolist()):
+                    row[f"{metric}_{name}"] = value
+            self.rows.append(row)
+
+    def write(self, engine: Engine) -> None:
+        import ignite.distributed as idist
+
+        rows = self.rows
+        if idist.get_world_size() > 1:
+            rows = [row for rank_rows in idist.all_gather(rows) for row in rank_rows]
+        rows = sorted({row["case"]: row for row in rows}.values(), key=lambda row: row["case"])  # sampler padding
+        if idist.get_rank() != 0 or not rows:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        columns = list(rows[0])
+        with open(os.path.join(self.output_dir, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        summary: dict = {"num_cases": len(rows)}
+        for column in columns[1:]:
+            values = torch.tensor([row[column] for row in rows], dtype=torch.float64)
+            finite = values[torch.isfinite(values)]
+            summary[column] = {
+                "mean": finite.mean().item() if len(finite) else float("nan"),
+                "std": finite.std(unbiased=False).item() if len(finite) else float("nan"),
+                "num_undefined": int(len(values) - len(finite)),
+            }
+        with open(os.path.join(self.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        lines = [f"{'metric':<16}" + "".join(f"{name:>22}" for name in self.class_names[1:])]
+        for metric in ("dice", "hd95", "nsd", "seed_soft_dice"):
+            cells = [summary[f"{metric}_{name}"] for name in self.class_names[1:]]
+            lines.append(f"{metric:<16}" + "".join(f"{c['mean']:>13.4f} ± {c['std']:<6.4f}" for c in cells))
+        logging.getLogger(__name__).info(
+            f"Evaluation of {len(rows)} cases (original grid; seed_soft_dice in the resized space):\n" + "\n".join(lines)
+        )

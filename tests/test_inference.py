@@ -1,0 +1,117 @@
+"""Inference on folders of NIfTI files and DICOM series, and its handling of bad cases."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.transforms import LoadImage
+
+from conftest import BUNDLE_DIR
+from dicom_series import write_dicom_series
+
+
+def run_inference(input_dir, output_dir, *extra, config="configs/inference.yaml"):
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", config,
+         "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), *extra],
+        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300,
+    )
+
+
+def oblique_affine(spacing, angle, origin):
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+@pytest.fixture(scope="module")
+def scans(synthetic_task, tmp_path_factory):
+    """Synthetic scans of several shapes re-saved with oblique, anisotropic affines (one flipped)."""
+    folder = tmp_path_factory.mktemp("scans")
+    images = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[:3]
+    geometries = [((1.0, 1.0, 1.0), 0.0, (0, 0, 0)), ((0.9, 1.1, 1.3), 0.3, (10, -5, 2)), ((-1.0, 1.0, 1.2), -0.5, (3, 3, 3))]
+    for i, (image, (spacing, angle, origin)) in enumerate(zip(images, geometries)):
+        data = np.asarray(nib.load(image).dataobj)
+        if i == 2:
+            data = data[:, :-3, 2:]
+        nib.save(nib.Nifti1Image(data, oblique_affine(spacing, angle, origin)), str(folder / f"scan {i} é.nii.gz"))
+    return folder
+
+
+def test_nifti_masks_match_each_input_grid(scans, tmp_path):
+    result = run_inference(scans, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    inputs = sorted(glob.glob(str(scans / "*.nii.gz")))
+    assert "3 written, 0 failed" in result.stdout + result.stderr
+    for image in inputs:
+        mask_path = tmp_path / os.path.basename(image).replace(".nii.gz", "_seg.nii.gz")
+        source, mask = nib.load(image), nib.load(str(mask_path))
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-4)
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_dicom_series_folder(synthetic_task, tmp_path):
+    volume = np.asarray(nib.load(sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*")))[1]).dataobj)
+    series = write_dicom_series(volume, str(tmp_path / "in" / "patient 1"))
+    result = run_inference(tmp_path / "in", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = nib.load(str(tmp_path / "out" / "patient 1_seg.nii.gz"))
+    reference = LoadImage(image_only=True)(series)  # the series' geometry as MONAI's reader reports it
+    assert mask.shape == tuple(reference.shape)
+    np.testing.assert_allclose(mask.affine, reference.affine.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(mask.affine[:3, :3], axis=0), [1.0, 1.0, 1.2], atol=1e-4)
+
+
+def test_bad_file_is_named_and_others_are_written(scans, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(scans, folder)
+    good = sorted(os.listdir(folder))
+    (folder / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    result = run_inference(folder, tmp_path / "out")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "broken.nii.gz" in log and "3 written, 1 failed" in log
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert written == sorted(name.replace(".nii.gz", "_seg.nii.gz") for name in good)
+
+
+def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
+    first = sorted(glob.glob(str(scans / "*.nii.gz")))[0]
+    existing = tmp_path / os.path.basename(first).replace(".nii.gz", "_seg.nii.gz")
+    existing.write_bytes(b"keep me")
+    result = run_inference(scans, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert existing.read_bytes() == b"keep me" and "2 written, 0 failed" in result.stdout + result.stderr
+    result = run_inference(scans, tmp_path, "--overwrite", "true")
+    assert result.returncode == 0 and nib.load(str(existing)).shape == nib.load(first).shape
+
+
+def test_torchscript_config_gives_the_same_masks(scans, tmp_path):
+    model_ts = tmp_path / "model.ts"
+    export = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(model_ts),
+         "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
+         "--config_file", "configs/inference.yaml"],
+        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    eager = run_inference(scans, tmp_path / "eager")
+    scripted = run_inference(
+        scans, tmp_path / "ts", "--ckpt_file", str(model_ts),
+        config="['configs/inference.yaml','configs/inference_ts.yaml']",
+    )
+    assert eager.returncode == 0 and scripted.returncode == 0, scripted.stderr[-3000:]
+    for name in os.listdir(tmp_path / "eager"):
+        a = np.asarray(nib.load(str(tmp_path / "eager" / name)).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "ts" / name)).dataobj)
+        assert (a != b).mean() < 1e-3
