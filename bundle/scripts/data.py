@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 
 
 def load_training_list(dataset_dir: str) -> list[dict[str, str]]:
@@ -29,8 +30,11 @@ def split_dataset(
     split = {"training": cases[:n_train], "validation": cases[n_train:]}
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "split.json"), "w", encoding="utf-8") as f:
+        # atomic: every rank of a multi-process run writes the same file
+        fd, tmp = tempfile.mkstemp(dir=output_dir, suffix=".json.tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"split_seed": split_seed, "train_split": train_split, **split}, f, indent=2)
+        os.replace(tmp, os.path.join(output_dir, "split.json"))
     return split
 
 
