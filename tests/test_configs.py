@@ -15,7 +15,7 @@ from monai.metrics import compute_dice
 from monai.transforms import Resize
 
 from conftest import BUNDLE_DIR, REPO_DIR
-from scripts.data import split_dataset
+from scripts.data import load_training_list, split_dataset
 
 RUN_IDS = {"initialize", "run", "training", "finalize"}
 
@@ -56,9 +56,10 @@ def test_every_train_config_id_resolves(synthetic_task, tmp_path):
 
 
 def test_split_is_deterministic_and_complete(synthetic_task, tmp_path):
-    first = split_dataset(synthetic_task, split_seed=3, train_split=0.75, output_dir=str(tmp_path))
-    again = split_dataset(synthetic_task, split_seed=3, train_split=0.75)
-    other = split_dataset(synthetic_task, split_seed=4, train_split=0.75)
+    cases = load_training_list(synthetic_task)
+    first = split_dataset(cases, split_seed=3, train_split=0.75, output_dir=str(tmp_path))
+    again = split_dataset(cases, split_seed=3, train_split=0.75)
+    other = split_dataset(cases, split_seed=4, train_split=0.75)
     assert first == again
     assert first["validation"] != other["validation"]
     images = [c["image"] for c in first["training"] + first["validation"]]
@@ -77,7 +78,8 @@ def test_split_ignores_listing_order(synthetic_task, tmp_path):
     with open(shuffled / "dataset.json", "w") as f:
         json.dump(meta, f)
     names = lambda split: [os.path.basename(c["image"]) for c in split["validation"]]  # noqa: E731
-    assert names(split_dataset(str(shuffled), 7)) == names(split_dataset(synthetic_task, 7))
+    reordered, original = load_training_list(str(shuffled)), load_training_list(synthetic_task)
+    assert names(split_dataset(reordered, 7)) == names(split_dataset(original, 7))
 
 
 def _label_round_trip_dice(label, mode, size):
@@ -111,10 +113,15 @@ def test_preprocessing_output_and_constant_image(synthetic_task, tmp_path):
     assert abs(float(out["image"].mean())) < 1e-4 and abs(float(out["image"].std()) - 1) < 1e-2
     assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0, 2.0}
 
-    constant = tmp_path / "constant.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((35, 50, 40), 7.0, dtype=np.float32), np.eye(4)), str(constant))
-    out = preprocessing({"image": str(constant)})
-    assert torch.equal(out["image"], torch.zeros_like(out["image"]))
+    normalize = next(t for t in preprocessing.transforms if type(t).__name__ == "NormalizeIntensityd")
+    constant = normalize({"image": torch.full((1, 32, 32, 32), 7.0)})["image"]
+    assert torch.equal(constant, torch.zeros_like(constant))  # zeros, not NaN
+
+    # a constant scan has nothing to segment: the pipeline says so instead of predicting on zeros
+    constant_file = tmp_path / "constant.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((35, 50, 40), 7.0, dtype=np.float32), np.eye(4)), str(constant_file))
+    with pytest.raises(Exception, match="constant"):
+        preprocessing({"image": str(constant_file)})
 
 
 def test_metadata_validates_offline(tmp_path):

@@ -115,3 +115,39 @@ def test_torchscript_config_gives_the_same_masks(scans, tmp_path):
         a = np.asarray(nib.load(str(tmp_path / "eager" / name)).dataobj)
         b = np.asarray(nib.load(str(tmp_path / "ts" / name)).dataobj)
         assert (a != b).mean() < 1e-3
+
+
+def test_broken_inputs_are_each_named_with_a_reason(scans, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(scans, folder)
+    good = sorted(os.listdir(folder))
+    source = nib.load(str(folder / good[0]))
+    data = np.asarray(source.dataobj).astype(np.float32)
+    raw = (folder / good[0]).read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with_nan = data.copy()
+    with_nan[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(with_nan, source.affine), str(folder / "nan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full(data.shape, 3.0, np.float32), source.affine), str(folder / "constant.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), source.affine), str(folder / "two volumes.nii.gz"))
+    nib.save(nib.Nifti1Image(data[..., None], source.affine), str(folder / "one volume 4d.nii.gz"))
+    result = run_inference(folder, tmp_path / "out")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "4 written, 4 failed" in log
+    for name, reason in [("truncated.nii.gz", ""), ("nan.nii.gz", "NaN"), ("constant.nii.gz", "constant"),
+                         ("two volumes.nii.gz", "2 volume")]:
+        assert any(name in line and reason in line for line in log.splitlines()), (name, log[-3000:])
+    written = sorted(os.listdir(tmp_path / "out"))
+    expected = [name.replace(".nii.gz", "_seg.nii.gz") for name in good + ["one volume 4d.nii.gz"]]
+    assert written == sorted(expected)
+    assert "Traceback" not in log
+
+
+def test_unusable_output_folder_fails_before_any_work(scans, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    result = run_inference(scans, blocker / "out")
+    assert result.returncode != 0
+    assert "not writable" in result.stderr and "Traceback" not in result.stderr
+    assert "Restored" not in result.stdout + result.stderr  # stopped before loading the model

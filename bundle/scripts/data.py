@@ -16,15 +16,15 @@ def load_training_list(dataset_dir: str) -> list[dict[str, str]]:
 
 
 def split_dataset(
-    dataset_dir: str, split_seed: int = 0, train_split: float = 0.9, output_dir: str | None = None
+    cases: list[dict[str, str]], split_seed: int = 0, train_split: float = 0.9, output_dir: str | None = None
 ) -> dict[str, list[dict[str, str]]]:
-    """Shuffle the labelled cases with `split_seed` and split them into `training` and `validation`.
+    """Shuffle the labelled `cases` with `split_seed` and split them into `training` and `validation`.
 
-    The split depends only on the case list and the seed; it is written to `output_dir/split.json` when given.
+    The split depends only on the set of cases and the seed; it is written to `output_dir/split.json` when given.
     """
     if not 0.0 < train_split <= 1.0:
         raise ValueError(f"train_split must be in (0, 1], got {train_split}.")
-    cases = sorted(load_training_list(dataset_dir), key=lambda case: case["image"])
+    cases = sorted(cases, key=lambda case: case["image"])
     random.Random(split_seed).shuffle(cases)
     n_train = min(len(cases), max(1, round(train_split * len(cases))))
     split = {"training": cases[:n_train], "validation": cases[n_train:]}
@@ -34,6 +34,7 @@ def split_dataset(
         fd, tmp = tempfile.mkstemp(dir=output_dir, suffix=".json.tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"split_seed": split_seed, "train_split": train_split, **split}, f, indent=2)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(output_dir, "split.json"))
     return split
 

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -123,3 +124,58 @@ class CaseMetricsReport:
         logging.getLogger(__name__).info(
             f"Evaluation of {len(rows)} cases (original grid; seed_soft_dice in the resized space):\n" + "\n".join(lines)
         )
+
+
+class AtomicCheckpointSaver:
+    """Saves `save_dict` to `save_dir/filename` through a temporary file and a rename, so a kill while saving
+    never leaves a corrupt checkpoint (MONAI's CheckpointSaver writes in place).
+
+    A single object is saved as its plain state_dict. With `key_metric`, it saves only at epochs where the
+    engine's key metric improved (attach it to the evaluator); otherwise every `interval` epochs.
+    """
+
+    def __init__(
+        self, save_dir: str, save_dict: dict, filename: str, key_metric: bool = False, interval: int = 1
+    ) -> None:
+        self.save_dir = save_dir
+        self.save_dict = save_dict
+        self.filename = filename
+        self.key_metric = key_metric
+        self.interval = interval
+
+    def attach(self, engine: Engine) -> None:
+        event = Events.EPOCH_COMPLETED if self.key_metric else Events.EPOCH_COMPLETED(every=self.interval)
+        engine.add_event_handler(event, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.key_metric and engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        states = {name: getattr(obj, "module", obj).state_dict() for name, obj in self.save_dict.items()}
+        checkpoint = next(iter(states.values())) if len(states) == 1 else states
+        os.makedirs(self.save_dir, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=self.save_dir, prefix=f".{self.filename}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o644)
+            os.replace(tmp_path, os.path.join(self.save_dir, self.filename))
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
+
+
+class BestMetricState:
+    """Makes an evaluator's best key metric part of a checkpoint, so a resumed run keeps the best model."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {"best_metric": self.engine.state.best_metric, "best_metric_epoch": self.engine.state.best_metric_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.state.best_metric = state["best_metric"]
+        self.engine.state.best_metric_epoch = state["best_metric_epoch"]

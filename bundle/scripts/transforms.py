@@ -1,0 +1,31 @@
+"""Input checks MONAI's transforms lack: a bad scan must fail with a reason, never yield a silently wrong mask."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.transforms import MapTransform
+
+
+class RejectInvalidImaged(MapTransform):
+    """Raises ValueError for an image that is not one 3D volume, has NaN or infinite voxels, or is constant.
+
+    Place it after EnsureChannelFirstd: a 4D file with one volume passes as one channel, with more it fails.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.ndim != 4 or image.shape[0] != 1:
+                raise ValueError(
+                    f"expected one 3D volume, got an image of shape {tuple(image.shape)} "
+                    f"(channel first: {image.shape[0]} volume(s))."
+                )
+            finite = torch.isfinite(image)
+            if not finite.all():
+                raise ValueError(f"{int((~finite).sum())} voxel(s) are NaN or infinite.")
+            if image.amax() == image.amin():
+                raise ValueError(f"the image is constant ({float(image.amax())}): there is nothing to segment.")
+        return d

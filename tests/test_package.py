@@ -1,0 +1,155 @@
+"""The release zip (scripts/package.py): model-zoo layout, no junk, and usable through `monai.bundle download`."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import nibabel as nib
+import pytest
+
+from conftest import BUNDLE_DIR
+
+NAME = "vnet_hippocampus_segmentation"
+JUNK = [
+    "scripts/__pycache__/x.cpython-311.pyc",
+    "scripts/stale.pyc",
+    "scripts/notes.txt",
+    "configs/__pycache__/x.pyc",
+    "configs/.hidden.yaml",
+    "output/log.txt",
+    "output/events.out.tfevents.123.host",
+    "eval/x.nii.gz",
+    "runs/events.out.tfevents.456.host",
+    "models/checkpoint_epoch=2.pt",
+    "models/model_key_metric=0.9.pt",
+    "models/events.out.tfevents.789.host",
+    "docs/draft.docx",
+    "docs/.DS_Store",
+    ".git/HEAD",
+    ".gitignore",
+    "train.log",
+]
+
+
+def clean_env():
+    """Environment for subprocesses that must see only the unpacked bundle, never the repo's `scripts`."""
+    return dict(os.environ, PYTHONPATH="", PYTHONDONTWRITEBYTECODE="1")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(zip path, its version) built by the package script of a copy of the bundle with junk files added."""
+    root = tmp_path_factory.mktemp("package")
+    copy = root / "bundle"
+    # never touch the real bundle; skip its own caches/outputs/data so the copy holds only what the test adds
+    shutil.copytree(BUNDLE_DIR, copy, ignore=shutil.ignore_patterns(
+        "__pycache__", "*.pyc", ".*", "output", "eval", "runs", "dist", "data"))
+    for rel in JUNK:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).write_bytes(b"junk")
+    result = subprocess.run([sys.executable, "-m", "scripts.package", "--output_dir", str(root / "dist")],
+                            cwd=copy, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(copy / "configs" / "metadata.json") as f:
+        version = json.load(f)["version"]
+    zip_path = root / "dist" / f"{NAME}_v{version}.zip"
+    assert result.stdout.strip().splitlines()[-1] == str(zip_path)
+    assert zip_path.is_file()
+
+    # run from elsewhere through the file path: the bundle is found from __file__, and the zip is byte-identical
+    again = subprocess.run([sys.executable, str(copy / "scripts" / "package.py"), "--output_dir", "dist2"],
+                           cwd=root, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (root / "dist2" / zip_path.name).read_bytes() == zip_path.read_bytes()
+    return zip_path, version
+
+
+def test_zip_layout_and_no_junk(release):
+    zip_path, _ = release
+    with zipfile.ZipFile(zip_path) as zf:
+        assert zf.testzip() is None
+        infos = zf.infolist()
+    names = [i.filename for i in infos]
+    assert names == sorted(names)
+    assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
+    assert {n.split("/")[0] for n in names} == {NAME}
+    rel = {n[len(NAME) + 1:] for n in names if not n.endswith("/")}
+
+    required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
+                "models/model.pt", "scripts/vnet.py", "scripts/__init__.py", "LICENSE"}
+    if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):
+        required.add("docs/README.md")
+    assert required <= rel, required - rel
+
+    for junk in JUNK:
+        assert junk not in rel
+    for path in rel:
+        parts = path.split("/")
+        assert not any(p.startswith(".") for p in parts), path
+        assert not {"__pycache__", "output", "eval", "runs"} & set(parts), path
+        assert not path.endswith(".pyc") and "tfevents" not in path, path
+        top = parts[0]
+        if top == "models":
+            assert path in {"models/model.pt", "models/model.ts", "models/large_files.yml"}, path
+        elif top == "docs":
+            assert path.lower().endswith((".md", ".txt", ".png")), path
+        elif top == "scripts":
+            assert path.endswith(".py"), path
+        else:
+            assert top == "configs" or path == "LICENSE", path
+
+
+def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
+    zip_path, _ = release
+    bundles = tmp_path / "bundles"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "download", "--name", NAME, "--url", zip_path.as_uri(),
+         "--bundle_dir", str(bundles), "--progress", "false"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    unpacked = bundles / NAME
+    assert (unpacked / "configs" / "metadata.json").is_file()
+    assert not (unpacked / "models" / "checkpoint_epoch=2.pt").exists()
+
+    # the unpacked bundle, not the repo, provides `scripts`
+    which = subprocess.run([sys.executable, "-c", "import scripts; print(scripts.__file__)"],
+                           cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert which.returncode == 0, which.stderr
+    assert os.path.realpath(which.stdout.strip()).startswith(os.path.realpath(unpacked) + os.sep)
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+         "--dataset_dir", str(synthetic_task), "--output_dir", str(out)],
+        cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = sorted(glob.glob(os.path.join(synthetic_task, "imagesTs", "*.nii.gz")))
+    assert images
+    for image in images:
+        mask = out / os.path.basename(image).replace(".nii.gz", "_seg.nii.gz")
+        assert mask.is_file(), mask
+        assert nib.load(str(mask)).shape == nib.load(image).shape
+
+
+def test_download_from_github_release_name(release, tmp_path, monkeypatch):
+    """`--source github --version V` fetches the asset <name>_v<V>.zip: the package's file name must match it."""
+    from monai.bundle import scripts as bundle_scripts
+
+    zip_path, version = release
+    requested = []
+
+    def fake_release_url(repo_owner, repo_name, tag_name, filename):
+        requested.append(filename)
+        return (zip_path.parent / filename).as_uri()
+
+    monkeypatch.setattr(bundle_scripts, "_get_git_release_url", fake_release_url)
+    bundle_scripts.download(name=NAME, version=version, source="github", repo="owner/repo/hosting_storage_v1",
+                            bundle_dir=str(tmp_path), progress=False)
+    assert requested == [zip_path.name]
+    assert (tmp_path / NAME / "configs" / "inference.yaml").is_file()
+    packaged_model = zip_path.parent.parent / "bundle" / "models" / "model.pt"  # the copy the zip was built from
+    assert (tmp_path / NAME / "models" / "model.pt").read_bytes() == packaged_model.read_bytes()
