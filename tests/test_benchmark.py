@@ -74,13 +74,13 @@ def test_cli_writes_json(cli_results, mode):
     assert "efficiency (pipeline / model only)" in log  # the printed table
 
 
-def _engine(steps_per_epoch: int, sleep_s: float = 0.003) -> Engine:
+def _engine(sleep_s: float = 0.003) -> Engine:
     return Engine(lambda engine, batch: time.sleep(sleep_s))
 
 
 def test_throughput_logger_logs_only_after_warmup(caplog):
     caplog.set_level(logging.INFO, logger="scripts.benchmark")
-    engine = _engine(3)
+    engine = _engine()
     timer = ThroughputLogger(batch_size=4, warmup_steps=4)
     timer.attach(engine)
     engine.run(range(3), max_epochs=3)  # iterations 1-4 are warm-up: none in epoch 1, 2 in epoch 2, 3 in epoch 3
@@ -101,7 +101,7 @@ def test_throughput_logger_logs_only_after_warmup(caplog):
 
 def test_throughput_logger_silent_during_warmup(caplog):
     caplog.set_level(logging.INFO, logger="scripts.benchmark")
-    engine = _engine(2)
+    engine = _engine()
     timer = ThroughputLogger(batch_size=2, warmup_steps=10)
     timer.attach(engine)
     engine.run(range(2), max_epochs=2)

@@ -79,8 +79,8 @@ def test_case_metrics_for_a_perfect_prediction(tmp_path):
     label[12:16, 6:18, 4:10] = 2
     affine = torch.diag(torch.tensor([0.8, 1.0, 1.5, 1.0]))
     label_meta = MetaTensor(_one_hot(label), affine=affine, meta={"filename_or_obj": "/data/case_7.nii.gz"})
-    item = {"pred": label_meta.clone(), "label": label_meta, "pred_resized": _one_hot(label),
-            "label_resized": label[None]}
+    item = {"pred": label_meta.clone(), "label": label_meta, "resized_pred": _one_hot(label),
+            "resized_label": label[None]}
     report = CaseMetricsReport(str(tmp_path), ["background", "anterior", "posterior"])
     engine = SimpleNamespace(state=SimpleNamespace(output=[item]))
     report.collect(engine)
@@ -105,7 +105,7 @@ def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
     pred[8:10, 10:20, 10:20] = 1  # anterior grows by 2 voxels along axis 0 only
     affine = torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0]))
     item = {"pred": MetaTensor(_one_hot(pred), affine=affine), "label": MetaTensor(_one_hot(label), affine=affine,
-            meta={"filename_or_obj": "c.nii.gz"}), "pred_resized": _one_hot(pred), "label_resized": label[None]}
+            meta={"filename_or_obj": "c.nii.gz"}), "resized_pred": _one_hot(pred), "resized_label": label[None]}
     report = CaseMetricsReport(str(tmp_path), ["background", "anterior", "posterior"])
     report.collect(SimpleNamespace(state=SimpleNamespace(output=[item])))
     assert report.rows[0]["hd95_anterior"] == pytest.approx(4.0)  # 2 voxels of 2 mm

@@ -40,8 +40,8 @@ def split_dataset(
 
 
 def evaluation_cases(split: dict[str, list[dict[str, str]]], eval_split: str = "validation") -> list[dict[str, str]]:
-    """Cases to evaluate: the validation split, or every labelled case (`all`); each also as `label_orig`."""
+    """Cases to evaluate: the validation split, or every labelled case (`all`); each also as `orig_label`."""
     if eval_split not in ("validation", "all"):
         raise ValueError(f"eval_split must be 'validation' or 'all', got {eval_split!r}.")
     cases = split["validation"] if eval_split == "validation" else split["training"] + split["validation"]
-    return [dict(case, label_orig=case["label"]) for case in cases]
+    return [dict(case, orig_label=case["label"]) for case in cases]

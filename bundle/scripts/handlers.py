@@ -56,7 +56,7 @@ class CaseMetricsReport:
     seed's soft Dice in the resized space; writes `metrics.csv` and `summary.json` and logs a table.
 
     MONAI's metric handlers cannot pass each case's voxel spacing, which HD95 and NSD in mm need.
-    Reads `pred`/`label` (one-hot, original grid) and `pred_resized`/`label_resized` from the evaluator output.
+    Reads `pred`/`label` (one-hot, original grid) and `resized_pred`/`resized_label` from the evaluator output.
     """
 
     def __init__(self, output_dir: str, class_names: Sequence[str], nsd_tolerance_mm: float = 1.0) -> None:
@@ -83,7 +83,7 @@ class CaseMetricsReport:
                 "nsd": compute_surface_dice(
                     pred, label, [self.nsd_tolerance_mm] * len(foreground), spacing=spacing
                 )[0],
-                "seed_soft_dice": soft_dice(item["pred_resized"], item["label_resized"], len(self.class_names))[1:],
+                "seed_soft_dice": soft_dice(item["resized_pred"], item["resized_label"], len(self.class_names))[1:],
             }
             row = {"case": os.path.basename(str(item["label"].meta["filename_or_obj"]))}
             for metric, per_class in values.items():
