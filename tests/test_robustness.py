@@ -60,7 +60,8 @@ def test_sigkill_mid_epoch_then_resume_finishes(synthetic_task, tmp_path):
 
 def test_resume_keeps_the_best_metric(synthetic_task, tmp_path):
     bundle = copy_bundle(tmp_path / "bundle")
-    run_bundle(bundle, *TRAIN, "--dataset_dir", synthetic_task, "--epochs", "1")
+    # plain `run` is the same workflow as `run training`
+    run_bundle(bundle, "--config_file", "configs/train.yaml", "--dataset_dir", synthetic_task, "--epochs", "1")
     saved = torch.load(os.path.join(bundle, "output", "checkpoint.pt"), weights_only=True)["best_metric"]
     assert saved["best_metric_epoch"] == 1 and saved["best_metric"] > 0
     log = run_bundle(bundle, *TRAIN, "--dataset_dir", synthetic_task, "--epochs", "2", "--resume", "true")

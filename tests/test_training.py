@@ -58,3 +58,12 @@ def test_training_logs_validation_and_loss_falls(trained_bundle):
     assert os.path.isfile(os.path.join(output, "split.json"))
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(output))
     assert any(name.startswith("checkpoint") for name in os.listdir(output))
+
+
+def test_training_curve_plot_from_the_run_logs(trained_bundle, tmp_path):
+    pytest.importorskip("matplotlib")
+    from scripts.plots import curve
+
+    png = curve(os.path.join(trained_bundle[0], "output"), str(tmp_path / "curve.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
