@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from conftest import BUNDLE_DIR
 from scripts.handlers import CaseMetricsReport
-from scripts.vnet import VNet
 
 EXPORT_ARGS = ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
                "--config_file", "configs/inference.yaml"]
@@ -29,7 +29,15 @@ def bundle_command(*args):
 
 @pytest.fixture(scope="module")
 def shipped_network():
-    net = VNet().eval()
+    """The network that configs/inference.yaml builds, with the shipped weights."""
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_DIR)  # the config's macros name files relative to the bundle folder
+    try:
+        parser = ConfigParser()
+        parser.read_config("configs/inference.yaml")
+        net = parser.get_parsed_content("network_def").eval()
+    finally:
+        os.chdir(cwd)
     net.load_state_dict(torch.load(os.path.join(BUNDLE_DIR, "models", "model.pt"), weights_only=True))
     return net
 

@@ -151,3 +151,19 @@ def test_unusable_output_folder_fails_before_any_work(scans, tmp_path):
     assert result.returncode != 0
     assert "not writable" in result.stderr and "Traceback" not in result.stderr
     assert "Restored" not in result.stdout + result.stderr  # stopped before loading the model
+
+
+def test_flip_averaging_inferer_averages_mirrored_logits():
+    import torch
+    from monai.inferers import SimpleInferer
+
+    from scripts.inferers import FlipAveragingInferer
+
+    weight = torch.linspace(0, 1, 8).view(1, 1, 8, 1, 1)  # a network that is not mirror symmetric
+    network = lambda x: x * weight  # noqa: E731
+    x = torch.rand(2, 1, 8, 6, 4)
+    plain = FlipAveragingInferer(SimpleInferer(), spatial_axes=[])(x, network)
+    flipped = FlipAveragingInferer(SimpleInferer(), spatial_axes=[0])(x, network)
+    torch.testing.assert_close(plain, network(x))
+    torch.testing.assert_close(flipped, (network(x) + network(x.flip(2)).flip(2)) / 2)
+    torch.testing.assert_close(flipped, x * 0.5)  # weight and its mirror image average to 1/2
