@@ -122,7 +122,8 @@ def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
 
 def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
     log = bundle_command(
-        "run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
+        "run", "evaluating", "--config_file",
+        "['configs/train.yaml','configs/train_native.yaml','configs/evaluate.yaml']",  # the shipped model's recipe
         "--dataset_dir", synthetic_task, "--output_dir", str(tmp_path), "--eval_split", "all",
     )
     with open(tmp_path / "metrics.csv") as f:

@@ -73,7 +73,7 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, synthetic_task):
     from scripts.vnet import VNet
 
     wrong = tmp_path / "wrong.pt"
-    torch.save(VNet(full_res_skip=True).state_dict(), wrong)
+    torch.save(VNet(out_channels=2, full_res_skip=True).state_dict(), wrong)
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
          "--dataset_dir", synthetic_task, "--output_dir", str(tmp_path / "out"), "--ckpt_file", str(wrong)],
