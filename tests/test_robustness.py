@@ -80,7 +80,8 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, synthetic_task):
         cwd=os.path.join(os.path.dirname(__file__), "..", "bundle"), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "size mismatch for output_conv.weight" in result.stdout + result.stderr
+    assert "size mismatch for output_conv.weight" in result.stderr
+    assert f"{wrong} does not fit the configured network" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_dataset_refuses_to_train_unless_skipped(synthetic_task, tmp_path):

@@ -102,6 +102,18 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {message[-1] if message else 'no message'}"
 
 
+def run(evaluator, dataset: PreprocessedCases, ckpt_file: str) -> None:
+    """Segments the readable cases; weights that do not fit the network end the run naming the mismatched keys."""
+    if not len(dataset):
+        return
+    try:
+        evaluator.run()
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        raise SystemExit(f"{ckpt_file} does not fit the configured network: {e}") from None
+
+
 def report(dataset: PreprocessedCases, output_dir: str) -> None:
     """Log one summary line; exit non-zero when any case failed or its mask is missing."""
     failed = list(dataset.failures)
