@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
+
+from scripts import atomic_write
 
 
 def load_training_list(dataset_dir: str) -> list[dict[str, str]]:
@@ -31,11 +32,8 @@ def split_dataset(
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
         # atomic: every rank of a multi-process run writes the same file
-        fd, tmp = tempfile.mkstemp(dir=output_dir, suffix=".json.tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(os.path.join(output_dir, "split.json"), "w") as f:
             json.dump({"split_seed": split_seed, "train_split": train_split, **split}, f, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(output_dir, "split.json"))
     return split
 
 

@@ -6,11 +6,12 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
+
+from scripts import atomic_write
 
 
 class PerClassMetrics:
@@ -153,18 +154,8 @@ class AtomicCheckpointSaver:
         states = {name: getattr(obj, "module", obj).state_dict() for name, obj in self.save_dict.items()}
         checkpoint = next(iter(states.values())) if len(states) == 1 else states
         os.makedirs(self.save_dir, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=self.save_dir, prefix=f".{self.filename}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp_path, 0o644)
-            os.replace(tmp_path, os.path.join(self.save_dir, self.filename))
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+        with atomic_write(os.path.join(self.save_dir, self.filename)) as f:
+            torch.save(checkpoint, f)
 
 
 class BestMetricState:
