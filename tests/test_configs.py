@@ -48,6 +48,7 @@ def config_ids(config, prefix=""):
 @pytest.mark.parametrize(
     "configs",
     [("train.yaml",), ("train.yaml", "train_native.yaml"), ("train.yaml", "evaluate.yaml"),
+     ("train.yaml", "train_native.yaml", "dev_split.yaml"),
      ("inference.yaml",), ("inference.yaml", "inference_seed.yaml"), ("inference.yaml", "inference_ts.yaml")],
 )
 def test_every_config_id_resolves(configs, synthetic_task, tmp_path, monkeypatch):
@@ -87,6 +88,18 @@ def test_split_ignores_listing_order(synthetic_task, tmp_path):
     names = lambda split: [os.path.basename(c["image"]) for c in split["validation"]]  # noqa: E731
     reordered, original = load_training_list(str(shuffled)), load_training_list(synthetic_task)
     assert names(split_dataset(reordered, 7)) == names(split_dataset(original, 7))
+
+
+def test_dev_split_never_uses_the_validation_cases(synthetic_task, tmp_path):
+    usual = parse_train_config(synthetic_task, tmp_path, ("train.yaml",), train_split=0.75).get_parsed_content("split")
+    dev = parse_train_config(
+        synthetic_task, tmp_path, ("train.yaml", "dev_split.yaml"), train_split=0.75, dev_train_split=0.5
+    ).get_parsed_content("split")
+    images = lambda cases: sorted(c["image"] for c in cases)  # noqa: E731
+    assert images(dev["training"] + dev["validation"]) == images(usual["training"])
+    assert dev["training"] and dev["validation"]
+    with open(tmp_path / "output" / "split.json") as f:
+        assert json.load(f)["validation"] == dev["validation"]  # the split the run used is the one written
 
 
 def _label_round_trip_dice(label, mode, size):

@@ -46,6 +46,25 @@ def test_torchscript_matches_eager():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
 
 
+def test_deep_supervision_stacks_upsampled_predictions_in_training_only():
+    net = VNet(full_res_skip=True, deep_supervision=True)
+    # one 1x1x1 head per up level (128 and 64 channels: upsampled features + skip) on top of the plain network
+    extra = sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in VNet(full_res_skip=True).parameters())
+    assert extra == (128 + 1) * 3 + (64 + 1) * 3
+    x = torch.randn(2, 1, 16, 24, 32)
+    stacked = net.train()(x)
+    assert stacked.shape == (2, 3, 3, 16, 24, 32)
+    net.eval()
+    with torch.no_grad():
+        plain = net(x)
+        assert plain.shape == (2, 3, 16, 24, 32)
+        torch.testing.assert_close(torch.jit.script(net)(x), plain, rtol=1e-5, atol=1e-5)
+    # every level is trained: each auxiliary head gets a gradient from its slice of the stack
+    net.train()
+    net(x)[:, 1:].sum().backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in net.aux_heads)
+
+
 def test_bad_spatial_size_says_which_sizes_work():
     with pytest.raises(ValueError, match="divisible by 8"):
         VNet()(torch.randn(1, 1, 30, 32, 32))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["VNet"]
@@ -102,6 +103,10 @@ class VNet(nn.Module):
         upsampling: ``"transposed_conv"`` (as the recipe) or ``"trilinear"`` (interpolation then conv).
         full_res_skip: concatenate the input block's features before the output convolution; the recipe
             ignores this full-resolution skip.
+        deep_supervision: in training mode, also predict from every up level (1x1x1 convolutions) and return
+            all predictions upsampled to the input size and stacked along dim 1, full resolution first, as
+            MONAI's DynUNet does (see `scripts.losses.StackedDeepSupervisionLoss`). Eval mode returns the
+            full-resolution logits only.
 
     Spatial sizes must be divisible by ``2 ** len(downscale_blocks)``.
     """
@@ -119,6 +124,7 @@ class VNet(nn.Module):
         pooling: str = "conv_pool",
         upsampling: str = "transposed_conv",
         full_res_skip: bool = False,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("kernel_size", kernel_size, (3, 5))
@@ -133,6 +139,7 @@ class VNet(nn.Module):
             )
         self.divisor = 2 ** len(downscale_blocks)
         self.full_res_skip = full_res_skip
+        self.deep_supervision = deep_supervision
 
         self.input_conv = _ConvNormAct(in_channels, init_filters, kernel_size, 1, norm, act)
         # the recipe broadcast-adds its single-channel input; other channel counts are projected by a 1x1x1 conv
@@ -149,11 +156,13 @@ class VNet(nn.Module):
             for i, depth in enumerate(downscale_blocks)
         )
         self.up_levels = nn.ModuleList()
+        self.aux_heads = nn.ModuleList()  # parameter-free without deep supervision
         in_ch = channels[-1]
         for i, depth in enumerate(upscale_blocks):
             skip_ch = channels[-2 - i]
             self.up_levels.append(_UpLevel(in_ch, skip_ch, depth, kernel_size, upsampling, norm, act))
             in_ch = 2 * skip_ch
+            self.aux_heads.append(nn.Conv3d(in_ch, out_channels, 1) if deep_supervision else nn.Identity())
         self.output_up = _upsample(in_ch, init_filters, kernel_size, upsampling, norm, act)
         out_in_ch = 2 * init_filters if full_res_skip else init_filters
         self.output_conv = nn.Conv3d(out_in_ch, out_channels, kernel_size, padding=(kernel_size - 1) // 2)
@@ -177,9 +186,17 @@ class VNet(nn.Module):
         for level in self.down_levels:
             x = level(x)
             skips.append(x)
-        for i, level in enumerate(self.up_levels):
+        supervise = self.deep_supervision and self.training
+        aux: list[torch.Tensor] = []
+        for i, (level, head) in enumerate(zip(self.up_levels, self.aux_heads)):
             x = level(x, skips[-2 - i])
+            if supervise:
+                aux.insert(0, head(x))
         x = self.output_up(x)
         if self.full_res_skip:
             x = torch.cat([x, skips[0]], dim=1)
-        return self.output_conv(x)
+        out = self.output_conv(x)
+        if not supervise:
+            return out
+        upsampled = [F.interpolate(a, size=spatial, mode="trilinear", align_corners=False) for a in aux]
+        return torch.stack([out] + upsampled, dim=1)
