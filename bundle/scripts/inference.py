@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
+import nibabel as nib
+import numpy as np
 from monai.data import Dataset
+from monai.handlers import CheckpointLoader
+from monai.utils import look_up_option
+
+from scripts import atomic_write
+from scripts.head import HEAD_LABELS, input_kind
 
 logger = logging.getLogger(__name__)
 
@@ -102,31 +111,131 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {message[-1] if message else 'no message'}"
 
 
-def run(evaluator, dataset: PreprocessedCases, ckpt_file: str) -> None:
-    """Segments the readable cases; weights that do not fit the network end the run naming the mismatched keys."""
-    if not len(dataset):
-        return
+def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[dict]]:
+    """Crop and head cases: by field of view (`scripts.head.input_kind`) for `auto`, or all of one `kind`."""
+    kind = look_up_option(str(kind), ("auto", "crop", "head"))
+    split: dict[str, list[dict]] = {"crop": [], "head": []}
+    for case in cases:
+        split[input_kind(case["image"]) if kind == "auto" else kind].append(case)
+    return split
+
+
+class HeadCases:
+    """Whole-head cases, segmented one at a time by `segmenter` (`scripts.head.HeadSegmenter`); a case that fails
+    is kept in `failures` with its reason, and the others go on."""
+
+    def __init__(self, data: Sequence[dict], segmenter: Callable[[str], dict]) -> None:
+        self.cases = list(data)
+        self.segmenter = segmenter
+        self.failures: list[tuple[str, str]] = []
+        self.results: dict[str, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def run(self) -> None:
+        for case in self.cases:
+            image = case["image"]
+            try:
+                start = time.perf_counter()
+                result = self.segmenter(image)
+            except Exception as e:  # any reader, registration or segmentation error belongs to this case only
+                self.failures.append((image, _reason(e)))
+                logger.error(f"{image}: FAILED, {_reason(e)}")
+                continue
+            self.results[image] = result
+            split = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in result.items() if k.endswith("_s"))
+            logger.info(f"{image}: head segmented in {time.perf_counter() - start:.1f} s ({split}), "
+                        f"eTIV {result['etiv_mm3'] / 1000:.0f} cm3")
+
+
+def run(evaluator, dataset: PreprocessedCases, ckpt_file: str, heads: HeadCases | None = None,
+        handlers: Sequence = ()) -> None:
+    """Segments the readable crops through `evaluator`, then the heads; weights that do not fit the network end the
+    run naming the mismatched keys. `handlers`' checkpoint loaders load the weights when no crop ran."""
     try:
-        evaluator.run()
+        if len(dataset):
+            evaluator.run()
+        if heads is not None and len(heads):
+            if not len(dataset):
+                for handler in handlers:
+                    if isinstance(handler, CheckpointLoader):
+                        handler(evaluator)
+            heads.run()
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
         raise SystemExit(f"{ckpt_file} does not fit the configured network: {e}") from None
 
 
-def report(dataset: PreprocessedCases, output_dir: str) -> None:
-    """Log one summary line; exit non-zero when any case failed or its mask is missing."""
-    failed = list(dataset.failures)
+def report(dataset: PreprocessedCases, output_dir: str, heads: HeadCases | None = None, dataset_dir: str = "") -> None:
+    """Write `volumes.csv`, log one summary line; exit non-zero when any case failed or its mask is missing."""
+    heads = heads if heads is not None else HeadCases([], lambda image: {})
+    failed = list(dataset.failures) + list(heads.failures)
     failed_images = {image for image, _ in failed}
-    written = 0
-    for case in dataset.cases:
+    written = []
+    for case in dataset.cases + heads.cases:
         if case["image"] in failed_images:
             continue
         if os.path.isfile(output_path(output_dir, case["image"])):
-            written += 1
+            written.append(case["image"])
         else:
             failed.append((case["image"], "no mask was written"))
-    logger.info(f"Inference finished: {written} written, {len(failed)} failed, output in {output_dir}.")
+    write_volumes(output_dir, dataset_dir, written, heads.results)
+    logger.info(f"Inference finished: {len(written)} written, {len(failed)} failed, output in {output_dir}.")
     if failed:
         lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
         raise SystemExit(f"{len(failed)} case(s) failed:\n{lines}")
+
+
+VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
+                  *(f"{side}_{part}_mm3" for side in HEAD_LABELS for part in ("anterior", "posterior", "total")),
+                  "etiv_mm3"]
+
+
+def mask_volumes(mask_file: str) -> dict[str, float]:
+    """Volumes (mm3) of each label of a written mask: voxel count times the voxel volume of its affine.
+    Labels 3 and 4 (right side) make it a head mask; a crop mask has 1 anterior and 2 posterior only."""
+    mask = nib.load(mask_file)
+    counts = np.bincount(np.asarray(mask.dataobj, dtype=np.uint8).ravel(), minlength=5)
+    voxel = abs(float(np.linalg.det(mask.affine[:3, :3])))
+    return {label: float(counts[label]) * voxel for label in range(1, 5)}
+
+
+def volume_row(case: str, mask_file: str, head: dict | None) -> dict[str, str]:
+    """One `volumes.csv` row; `head` is the head segmenter's result, None for a crop."""
+    volumes = mask_volumes(mask_file)
+    row = {"case": case, "kind": "head" if head is not None else "crop"}
+    if head is None:
+        anterior, posterior = volumes[1], volumes[2]
+    else:
+        for side, (anterior_label, posterior_label) in HEAD_LABELS.items():
+            row[f"{side}_anterior_mm3"] = f"{volumes[anterior_label]:.1f}"
+            row[f"{side}_posterior_mm3"] = f"{volumes[posterior_label]:.1f}"
+            row[f"{side}_total_mm3"] = f"{volumes[anterior_label] + volumes[posterior_label]:.1f}"
+        anterior, posterior = volumes[1] + volumes[3], volumes[2] + volumes[4]
+        row["etiv_mm3"] = f"{head['etiv_mm3']:.0f}"
+    row.update(anterior_mm3=f"{anterior:.1f}", posterior_mm3=f"{posterior:.1f}", total_mm3=f"{anterior + posterior:.1f}")
+    return row
+
+
+def write_volumes(output_dir: str, dataset_dir: str, written: Sequence[str], head_results: dict[str, dict]) -> None:
+    """`output_dir/volumes.csv`, written atomically: a row for each mask written now, and the earlier rows of cases
+    whose mask is still on disk (skipped because it existed)."""
+    path = os.path.join(output_dir, "volumes.csv")
+    root = dataset_dir if os.path.isdir(dataset_dir) else os.path.commonpath(written) if written else ""
+    rows = {}
+    if os.path.isfile(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if os.path.isfile(output_path(output_dir, row["case"])):
+                    rows[row["case"]] = row
+    for image in written:
+        case = os.path.relpath(image, root) if root else image
+        rows[case] = volume_row(case, output_path(output_dir, image), head_results.get(image))
+    if not rows:
+        return
+    with atomic_write(path, "w") as f:
+        table = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
+        table.writeheader()
+        table.writerows(rows[case] for case in sorted(rows))

@@ -1,0 +1,65 @@
+"""Builds the MNI152 files that whole-head inference needs (MONAI ships no brain template), from the ICBM 2009a
+files inside the nilearn wheel, and measures where the shipped model finds the hippocampi on the template.
+
+    pip download --no-deps nilearn==0.14.1 && unzip -o nilearn-0.14.1-py3-none-any.whl 'nilearn/datasets/data/*'
+    python -m scripts.atlas build --nilearn_data nilearn/datasets/data
+    python -m scripts.atlas centres
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import fire
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from scripts.head import resample_isotropic
+
+TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+HEAD_MASK = "mni_icbm152_head_mask_2mm.nii.gz"
+
+
+def build(nilearn_data: str, output_dir: str = "atlas", dilation_mm: float = 10.0) -> None:
+    """Copies the template T1 and writes the registration mask: the brain (grey + white matter probability >= 0.4)
+    dilated by `dilation_mm` to hold the skull, on a 2 mm grid; the neck and the air are left out."""
+    os.makedirs(output_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(nilearn_data, TEMPLATE), os.path.join(output_dir, TEMPLATE))
+    tissue = [sitk.ReadImage(os.path.join(nilearn_data, TEMPLATE.replace("_t1_", f"_{name}_")), sitk.sitkFloat32)
+              for name in ("gm", "wm")]
+    brain = resample_isotropic((tissue[0] + tissue[1]) / 255.0, 2.0) >= 0.4
+    radius = int(round(dilation_mm / 2.0))
+    mask = sitk.BinaryDilate(brain, [radius] * 3, sitk.sitkBall)
+    sitk.WriteImage(sitk.Cast(mask, sitk.sitkUInt8), os.path.join(output_dir, HEAD_MASK), useCompression=True)
+    print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{HEAD_MASK} ({int(sitk.GetArrayViewFromImage(mask).sum())} "
+          "voxels of 8 mm3)")
+
+
+def centres(config_file: str = "configs/inference.yaml", template: str = f"atlas/{TEMPLATE}") -> dict:
+    """Segments the template as a head with the configured model and boxes, and returns the centroid (MNI mm) of
+    each side's hippocampus: the values of `head#box_centers` in configs/inference.yaml."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    with tempfile.TemporaryDirectory() as output_dir:
+        parser["output_dir"] = output_dir
+        network = parser.get_parsed_content("network")
+        network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
+        segmenter = parser.get_parsed_content("head#segmenter")
+        segmenter(template)
+        mask = nib.load(os.path.join(output_dir, TEMPLATE.replace(".nii.gz", "_seg.nii.gz")))
+        labels = np.asarray(mask.dataobj)
+    result = {}
+    for side, side_labels in (("left", (1, 2)), ("right", (3, 4))):
+        voxels = np.argwhere(np.isin(labels, side_labels))
+        result[side] = np.round(nib.affines.apply_affine(mask.affine, voxels.mean(0)), 1).tolist()
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire({"build": build, "centres": centres})
