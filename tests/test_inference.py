@@ -1,5 +1,7 @@
 """Inference on folders of NIfTI files and DICOM series, and its handling of bad cases."""
 
+import csv
+import fnmatch
 import glob
 import os
 import shutil
@@ -57,7 +59,15 @@ def test_nifti_masks_match_each_input_grid(scans, tmp_path):
         assert mask.shape == source.shape
         np.testing.assert_allclose(mask.affine, source.affine, atol=1e-4)
         assert mask.get_data_dtype() == np.uint8
-        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+        labels = np.asarray(mask.dataobj)
+        assert set(np.unique(labels)) <= {0, 1, 2}
+        # volumes.csv: each label's voxel count times the voxel volume of the mask's own grid
+        with open(tmp_path / "volumes.csv", newline="", encoding="utf-8") as f:
+            row = {r["case"]: r for r in csv.DictReader(f)}[os.path.basename(image)]
+        voxel = abs(np.linalg.det(source.affine[:3, :3]))
+        assert row["kind"] == "crop" and row["left_total_mm3"] == "" and row["etiv_mm3"] == ""
+        assert float(row["anterior_mm3"]) == pytest.approx((labels == 1).sum() * voxel, abs=0.1)
+        assert float(row["posterior_mm3"]) == pytest.approx((labels == 2).sum() * voxel, abs=0.1)
 
 
 def test_dicom_series_folder(synthetic_task, tmp_path):
@@ -81,7 +91,7 @@ def test_bad_file_is_named_and_others_are_written(scans, tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "broken.nii.gz" in log and "3 written, 1 failed" in log
-    written = sorted(os.listdir(tmp_path / "out"))
+    written = sorted(name for name in os.listdir(tmp_path / "out") if name != "volumes.csv")
     assert written == sorted(name.replace(".nii.gz", "_seg.nii.gz") for name in good)
 
 
@@ -111,7 +121,7 @@ def test_torchscript_config_gives_the_same_masks(scans, tmp_path):
         config="['configs/inference.yaml','configs/inference_ts.yaml']",
     )
     assert eager.returncode == 0 and scripted.returncode == 0, scripted.stderr[-3000:]
-    for name in os.listdir(tmp_path / "eager"):
+    for name in fnmatch.filter(os.listdir(tmp_path / "eager"), "*_seg.nii.gz"):
         a = np.asarray(nib.load(str(tmp_path / "eager" / name)).dataobj)
         b = np.asarray(nib.load(str(tmp_path / "ts" / name)).dataobj)
         assert (a != b).mean() < 1e-3
@@ -138,7 +148,7 @@ def test_broken_inputs_are_each_named_with_a_reason(scans, tmp_path):
     for name, reason in [("truncated.nii.gz", ""), ("nan.nii.gz", "NaN"), ("constant.nii.gz", "constant"),
                          ("two volumes.nii.gz", "2 volume")]:
         assert any(name in line and reason in line for line in log.splitlines()), (name, log[-3000:])
-    written = sorted(os.listdir(tmp_path / "out"))
+    written = sorted(name for name in os.listdir(tmp_path / "out") if name != "volumes.csv")
     expected = [name.replace(".nii.gz", "_seg.nii.gz") for name in good + ["one volume 4d.nii.gz"]]
     assert written == sorted(expected)
     assert "Traceback" not in log

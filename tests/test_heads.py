@@ -1,0 +1,128 @@
+"""Whole-head inputs: registration to MNI152, both hippocampi with their side, volumes with eTIV, and failures."""
+
+import csv
+import glob
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dicom_series import write_dicom_series
+from heads import TEMPLATE, dice, in_template_grid, make_heads
+from test_inference import run_inference
+
+MIN_DICE = {"template": 0.99, "moved0": 0.99, "moved1": 0.99, "lps": 0.99, "aniso": 0.9, "2mm": 0.8, "dicom": 0.8}
+
+
+def read_volumes(folder):
+    with open(os.path.join(folder, "volumes.csv"), newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def head_run(synthetic_task, tmp_path_factory):
+    """One inference run over transformed heads, a DICOM head, a head of noise and a crop."""
+    folder = tmp_path_factory.mktemp("heads")
+    inputs, output = folder / "in", folder / "out"
+    descriptions = make_heads(str(inputs))
+    two_mm = nib.load(str(inputs / "2mm.nii.gz"))
+    corner = nib.affines.apply_affine(two_mm.affine, [two_mm.shape[0] - 1, two_mm.shape[1] - 1, 0])
+    # DICOM rows run along LPS y and columns along LPS x: the RAS array reversed in x and y, transposed
+    write_dicom_series(np.asarray(two_mm.dataobj)[::-1, ::-1].transpose(1, 0, 2), str(inputs / "dicom"),
+                       spacing=(2.0, 2.0, 2.0), origin=(-corner[0], -corner[1], corner[2]))
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random((160, 192, 160)).astype(np.float32) * 100, np.eye(4)), str(inputs / "noise.nii.gz"))
+    crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
+    shutil.copy(crop, inputs / "crop.nii.gz")
+    result = run_inference(inputs, output)
+    return inputs, output, descriptions, result, result.stdout + result.stderr
+
+
+def test_transformed_heads_agree_with_the_template_and_keep_their_sides(head_run):
+    _, output, descriptions, _, log = head_run
+    template = nib.load(TEMPLATE)
+    world_x = nib.affines.apply_affine(template.affine, np.argwhere(np.ones(template.shape, bool)))[:, 0]
+    world_x = world_x.reshape(template.shape)
+    reference = in_template_grid(str(output / "template_seg.nii.gz"), "template")
+    for name in [*descriptions, "dicom"]:
+        labels = in_template_grid(str(output / f"{name}_seg.nii.gz"), name)
+        for side, side_labels in (("left", [1, 2]), ("right", [3, 4])):
+            score = dice(np.isin(labels, side_labels), np.isin(reference, side_labels))
+            assert score >= MIN_DICE[name], (name, side, score, log[-3000:])
+        # left hippocampus (1, 2) in the left hemisphere (x < 0 in MNI), right (3, 4) in the right
+        assert (world_x[np.isin(labels, [1, 2])] < 0).all() and (world_x[np.isin(labels, [3, 4])] > 0).all(), name
+
+
+def test_head_volumes_and_etiv_come_from_the_written_masks(head_run):
+    inputs, output, descriptions, _, _ = head_run
+    rows = read_volumes(output)
+    for name in [*descriptions, "dicom"]:
+        case = "dicom" if name == "dicom" else f"{name}.nii.gz"
+        row = rows[case]
+        mask = nib.load(str(output / f"{name}_seg.nii.gz"))
+        labels = np.asarray(mask.dataobj)
+        voxel = abs(np.linalg.det(mask.affine[:3, :3]))
+        assert row["kind"] == "head"
+        assert float(row["left_anterior_mm3"]) == pytest.approx((labels == 1).sum() * voxel, abs=0.1)
+        assert float(row["right_posterior_mm3"]) == pytest.approx((labels == 4).sum() * voxel, abs=0.1)
+        assert float(row["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, abs=0.5)
+        assert float(row["left_total_mm3"]) > 2000 and float(row["right_total_mm3"]) > 2000
+        # the template's own eTIV is the calibration constant; a resampled copy stays within 5%
+        assert float(row["etiv_mm3"]) == pytest.approx(1948106, rel=0.01 if name in ("template", "lps") else 0.05)
+
+
+def test_noise_head_is_a_failed_registration_and_crop_stays_a_crop(head_run):
+    inputs, output, _, result, log = head_run
+    assert result.returncode != 0
+    assert "8 written, 1 failed" in log
+    assert any("noise.nii.gz" in line and "registration" in line for line in log.splitlines()), log[-3000:]
+    assert not (output / "noise_seg.nii.gz").exists()
+    assert "Traceback" not in log
+    rows = read_volumes(output)
+    assert rows["crop.nii.gz"]["kind"] == "crop" and rows["crop.nii.gz"]["etiv_mm3"] == ""
+    crop_mask = np.asarray(nib.load(str(output / "crop_seg.nii.gz")).dataobj)
+    assert set(np.unique(crop_mask)) <= {0, 1, 2}
+    # the crop is segmented exactly as the crop path does it when told so
+    alone = inputs.parent / "crop_only"
+    alone.mkdir()
+    shutil.copy(inputs / "crop.nii.gz", alone / "crop.nii.gz")
+    forced = run_inference(alone, alone.parent / "crop_out", "--input_kind", "crop")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    np.testing.assert_array_equal(np.asarray(nib.load(str(alone.parent / "crop_out" / "crop_seg.nii.gz")).dataobj),
+                                  crop_mask)
+
+
+def test_rerun_skips_finished_heads_and_keeps_their_volumes(head_run, tmp_path):
+    inputs, output, _, _, _ = head_run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("template.nii.gz", "moved0.nii.gz"):
+        shutil.copy(inputs / name, folder / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(output / "template_seg.nii.gz", out / "template_seg.nii.gz")
+    with open(out / "volumes.csv", "w", newline="") as f:
+        table = csv.DictWriter(f, fieldnames=list(read_volumes(output)["template.nii.gz"]))
+        table.writeheader()
+        table.writerow(read_volumes(output)["template.nii.gz"])
+    result = run_inference(folder, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 written, 0 failed" in result.stdout + result.stderr
+    rows = read_volumes(out)
+    assert sorted(rows) == ["moved0.nii.gz", "template.nii.gz"]
+    assert rows["template.nii.gz"] == read_volumes(output)["template.nii.gz"]
+
+
+def test_input_kind_from_field_of_view(head_run, synthetic_task):
+    from scripts.inference import split_by_kind
+
+    inputs, _, _, _, _ = head_run
+    cases = [{"image": str(inputs / name)} for name in ("template.nii.gz", "2mm.nii.gz", "dicom", "crop.nii.gz")]
+    split = split_by_kind(cases)
+    assert [c["image"] for c in split["head"]] == [c["image"] for c in cases[:3]]
+    assert [c["image"] for c in split["crop"]] == [cases[3]["image"]]
+    assert split_by_kind(cases, "head")["crop"] == [] and split_by_kind(cases, "crop")["head"] == []
+    with pytest.raises(ValueError):
+        split_by_kind(cases, "brain")
