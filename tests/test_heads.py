@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dicom_series import write_dicom_series
-from heads import TEMPLATE, dice, in_template_grid, make_heads
+from scripts.head_check import TEMPLATE, dice, in_template_grid, make_heads
 from test_inference import run_inference
 
 MIN_DICE = {"template": 0.99, "moved0": 0.99, "moved1": 0.99, "lps": 0.99, "aniso": 0.9, "2mm": 0.8, "dicom": 0.8}
@@ -23,7 +23,7 @@ def read_volumes(folder):
 
 @pytest.fixture(scope="module")
 def head_run(synthetic_task, tmp_path_factory):
-    """One inference run over transformed heads, a DICOM head, a head of noise and a crop."""
+    """One inference run over transformed heads, a DICOM head, a head of noise, an inverted head and a crop."""
     folder = tmp_path_factory.mktemp("heads")
     inputs, output = folder / "in", folder / "out"
     descriptions = make_heads(str(inputs))
@@ -34,6 +34,9 @@ def head_run(synthetic_task, tmp_path_factory):
                        spacing=(2.0, 2.0, 2.0), origin=(-corner[0], -corner[1], corner[2]))
     rng = np.random.default_rng(0)
     nib.save(nib.Nifti1Image(rng.random((160, 192, 160)).astype(np.float32) * 100, np.eye(4)), str(inputs / "noise.nii.gz"))
+    template = nib.load(TEMPLATE)
+    inverted = 255.0 - np.asarray(template.dataobj, dtype=np.float32)  # a T2-like contrast: registers, but is no T1
+    nib.save(nib.Nifti1Image(inverted, template.affine), str(inputs / "inverted.nii.gz"))
     crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
     shutil.copy(crop, inputs / "crop.nii.gz")
     result = run_inference(inputs, output)
@@ -73,12 +76,13 @@ def test_head_volumes_and_etiv_come_from_the_written_masks(head_run):
         assert float(row["etiv_mm3"]) == pytest.approx(1948106, rel=0.01 if name in ("template", "lps") else 0.05)
 
 
-def test_noise_head_is_a_failed_registration_and_crop_stays_a_crop(head_run):
+def test_noise_and_non_t1_heads_are_named_failures_and_crop_stays_a_crop(head_run):
     inputs, output, _, result, log = head_run
     assert result.returncode != 0
-    assert "8 written, 1 failed" in log
+    assert "8 written, 2 failed" in log
     assert any("noise.nii.gz" in line and "registration" in line for line in log.splitlines()), log[-3000:]
-    assert not (output / "noise_seg.nii.gz").exists()
+    assert any("inverted.nii.gz" in line and "T1" in line for line in log.splitlines()), log[-3000:]
+    assert not (output / "noise_seg.nii.gz").exists() and not (output / "inverted_seg.nii.gz").exists()
     assert "Traceback" not in log
     rows = read_volumes(output)
     assert rows["crop.nii.gz"]["kind"] == "crop" and rows["crop.nii.gz"]["etiv_mm3"] == ""

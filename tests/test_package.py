@@ -9,6 +9,7 @@ import sys
 import zipfile
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from conftest import BUNDLE_DIR
@@ -80,7 +81,8 @@ def test_zip_layout_and_no_junk(release):
     rel = {n[len(NAME) + 1:] for n in names if not n.endswith("/")}
 
     required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
-                "models/model.pt", "scripts/vnet.py", "scripts/__init__.py", "LICENSE"}
+                "models/model.pt", "scripts/vnet.py", "scripts/__init__.py", "LICENSE", "atlas/NOTICE.txt",
+                "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_head_mask_2mm.nii.gz"}
     if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):
         required.add("docs/README.md")
     assert required <= rel, required - rel
@@ -99,6 +101,8 @@ def test_zip_layout_and_no_junk(release):
             assert path.lower().endswith((".md", ".txt", ".png")), path
         elif top == "scripts":
             assert path.endswith(".py"), path
+        elif top == "atlas":
+            assert path.endswith((".nii.gz", ".txt")), path
         else:
             assert top == "configs" or path == "LICENSE", path
 
@@ -133,6 +137,17 @@ def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
         mask = out / os.path.basename(image).replace(".nii.gz", "_seg.nii.gz")
         assert mask.is_file(), mask
         assert nib.load(str(mask)).shape == nib.load(image).shape
+
+    # a whole head through the unpacked bundle: its atlas files came with it
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    shutil.copy(unpacked / "atlas" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", heads / "head.nii.gz")
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+         "--dataset_dir", str(heads), "--output_dir", str(out)],
+        cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(np.unique(np.asarray(nib.load(str(out / "head_seg.nii.gz")).dataobj))) == {0, 1, 2, 3, 4}
 
 
 def test_download_from_github_release_name(release, tmp_path, monkeypatch):

@@ -25,17 +25,17 @@ HEAD_MASK = "mni_icbm152_head_mask_2mm.nii.gz"
 
 
 def build(nilearn_data: str, output_dir: str = "atlas", dilation_mm: float = 10.0) -> None:
-    """Copies the template T1 and writes the registration mask: the brain (grey + white matter probability >= 0.4)
-    dilated by `dilation_mm` to hold the skull, on a 2 mm grid; the neck and the air are left out."""
+    """Copies the template T1 and writes the registration mask on a 2 mm grid: 2 in the brain (grey + white matter
+    probability >= 0.4), 1 where it is dilated by `dilation_mm` to hold the skull; the neck and the air are 0."""
     os.makedirs(output_dir, exist_ok=True)
     shutil.copyfile(os.path.join(nilearn_data, TEMPLATE), os.path.join(output_dir, TEMPLATE))
     tissue = [sitk.ReadImage(os.path.join(nilearn_data, TEMPLATE.replace("_t1_", f"_{name}_")), sitk.sitkFloat32)
               for name in ("gm", "wm")]
     brain = resample_isotropic((tissue[0] + tissue[1]) / 255.0, 2.0) >= 0.4
     radius = int(round(dilation_mm / 2.0))
-    mask = sitk.BinaryDilate(brain, [radius] * 3, sitk.sitkBall)
+    mask = sitk.BinaryDilate(brain, [radius] * 3, sitk.sitkBall) + brain
     sitk.WriteImage(sitk.Cast(mask, sitk.sitkUInt8), os.path.join(output_dir, HEAD_MASK), useCompression=True)
-    print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{HEAD_MASK} ({int(sitk.GetArrayViewFromImage(mask).sum())} "
+    print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{HEAD_MASK} ({int((sitk.GetArrayViewFromImage(mask) > 0).sum())} "
           "voxels of 8 mm3)")
 
 

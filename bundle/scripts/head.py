@@ -44,8 +44,8 @@ def field_of_view_mm(path: str) -> np.ndarray:
         in_plane = np.array(first.GetSize()[:2]) * np.array(first.GetSpacing()[:2])
         through_plane = np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())) + first.GetSpacing()[2]
         return np.array([*in_plane, through_plane])
-    reader = _image_information(path)
-    return np.array(reader.GetSize()[:3]) * np.array(reader.GetSpacing()[:3])
+    header = nib.load(path).header
+    return np.array(header.get_data_shape()[:3]) * np.array(header.get_zooms()[:3])
 
 
 def _image_information(path: str) -> sitk.ImageFileReader:
@@ -93,6 +93,7 @@ class Registration:
     matrix: np.ndarray  # 3x3 linear part
     offset: np.ndarray  # translation
     mutual_information: float
+    correlation: float  # of the registered head with the template in the brain: negative for a T2's contrast
 
     def __call__(self, points_mni: np.ndarray) -> np.ndarray:
         return points_mni @ self.matrix.T + self.offset
@@ -119,27 +120,33 @@ class TemplateRegistration:
 
     Args:
         template_file: the template T1 (any resolution; registration runs at `spacing`).
-        mask_file: where the metric is sampled on the template (brain and skull, not neck or background).
+        mask_file: where the metric is sampled on the template (brain and skull, not neck or background), 2 in the
+            brain, where the T1 check correlates the registered head with the template.
         spacing: the finest registration grid, mm.
-        min_mutual_information: below it the head does not match the template (noise, wrong modality, no head).
+        min_mutual_information: below it the head does not match the template (noise, no head).
+        min_correlation: below it the registered head's intensities do not follow a T1's (e.g. a T2 or FLAIR).
         scale_range: allowed scaling of each axis, template to scan; a human head lies well inside it.
     """
 
     def __init__(self, template_file: str, mask_file: str, spacing: float = 2.0, min_mutual_information: float = 0.15,
-                 scale_range: Sequence[float] = (0.7, 1.4)) -> None:
+                 min_correlation: float = 0.2, scale_range: Sequence[float] = (0.7, 1.4)) -> None:
         self.spacing = spacing
         self.min_mutual_information = min_mutual_information
+        self.min_correlation = min_correlation
         self.scale_range = tuple(scale_range)
         self.template_file = template_file
         self.mask_file = mask_file
         self.template: sitk.Image | None = None
         self.mask: sitk.Image | None = None
+        self.brain: np.ndarray | None = None
 
     def _load_template(self) -> None:
         """Reads the template on first use, so that runs without heads never touch it."""
         self.template = resample_isotropic(sitk.ReadImage(self.template_file, sitk.sitkFloat32), self.spacing)
-        mask = sitk.ReadImage(self.mask_file, sitk.sitkUInt8)
-        self.mask = sitk.Resample(mask, self.template, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        labels = sitk.Resample(sitk.ReadImage(self.mask_file, sitk.sitkUInt8), self.template, sitk.Transform(),
+                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        self.mask = labels > 0
+        self.brain = sitk.GetArrayFromImage(labels) == 2
 
     def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
         method = sitk.ImageRegistrationMethod()
@@ -174,8 +181,11 @@ class TemplateRegistration:
         # the transform maps template (fixed) LPS points to scan (moving) LPS points; express it in RAS
         matrix_lps = np.array(affine.GetMatrix()).reshape(3, 3)
         offset_lps = np.array(affine.TransformPoint((0.0, 0.0, 0.0)))
+        registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, self.template, affine, sitk.sitkLinear, 0.0))
+        template = sitk.GetArrayViewFromImage(self.template)
+        correlation = float(np.corrcoef(registered[self.brain], template[self.brain])[0, 1])
         registration = Registration(RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS, RAS_TO_LPS @ offset_lps,
-                                    -float(method.GetMetricValue()))
+                                    -float(method.GetMetricValue()), correlation)
         self.check(registration)
         return registration
 
@@ -184,6 +194,11 @@ class TemplateRegistration:
             raise HeadError(
                 f"registration to the MNI152 template failed: mutual information {registration.mutual_information:.3f} "
                 f"< {self.min_mutual_information} (is this a T1-weighted head?)"
+            )
+        if registration.correlation < self.min_correlation:
+            raise HeadError(
+                f"the head does not look like a T1 after registration: correlation with the T1 template "
+                f"{registration.correlation:.2f} < {self.min_correlation}"
             )
         if np.linalg.det(registration.matrix) <= 0:
             raise HeadError("registration to the MNI152 template mirrors the head (is its header's left-right wrong?)")
@@ -264,6 +279,7 @@ class HeadSegmenter:
         self.save(MetaTensor(torch.from_numpy(labels)[None], meta=image.meta))
         times["writing_s"] = time.perf_counter() - start
         return {"etiv_mm3": registration.etiv_mm3, "mutual_information": registration.mutual_information,
+                "correlation": registration.correlation,
                 "scales": registration.scales.tolist(), **times}
 
     def _box_in_scan(self, registration: Registration, side: str) -> tuple[np.ndarray, list[int]]:

@@ -146,7 +146,8 @@ class HeadCases:
             self.results[image] = result
             split = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in result.items() if k.endswith("_s"))
             logger.info(f"{image}: head segmented in {time.perf_counter() - start:.1f} s ({split}), "
-                        f"eTIV {result['etiv_mm3'] / 1000:.0f} cm3")
+                        f"eTIV {result['etiv_mm3'] / 1000:.0f} cm3, mutual information {result['mutual_information']:.2f}, "
+                        f"correlation {result['correlation']:.2f}")
 
 
 def run(evaluator, dataset: PreprocessedCases, ckpt_file: str, heads: HeadCases | None = None,

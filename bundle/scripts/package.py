@@ -8,6 +8,7 @@ checkpoints and hidden files, so this script copies only an allow-list:
     <name>/configs/   every config file
     <name>/models/    model.pt, model.ts and large_files.yml/.yaml/.json (no other checkpoints)
     <name>/docs/      .md, .txt and .png files
+    <name>/atlas/     the MNI152 template files whole-head inference registers to (.nii.gz) and their notice (.txt)
     <name>/scripts/   .py files
     <name>/LICENSE
 
@@ -34,6 +35,7 @@ BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL_FILES = ("model.pt", "model.ts", "large_files.yml", "large_files.yaml", "large_files.json")
 DOCS_SUFFIXES = (".md", ".txt", ".png")
+ATLAS_SUFFIXES = (".nii.gz", ".txt")
 REQUIRED = ("configs/metadata.json", "models/model.pt", "LICENSE")
 # never packaged, at any depth
 EXCLUDED_DIRS = {"__pycache__", "output", "outputs", "eval", "runs", "logs", "log", "dist"}
@@ -67,6 +69,7 @@ def list_files(bundle_dir: str = BUNDLE_DIR) -> list[str]:
     files = _walk(bundle_dir, "configs")
     files += [p for p in _walk(bundle_dir, "scripts") if p.endswith(".py")]
     files += [p for p in _walk(bundle_dir, "docs") if p.lower().endswith(DOCS_SUFFIXES)]
+    files += [p for p in _walk(bundle_dir, "atlas") if p.lower().endswith(ATLAS_SUFFIXES)]
     files += [f"models/{m}" for m in MODEL_FILES if os.path.isfile(os.path.join(bundle_dir, "models", m))]
     if os.path.isfile(os.path.join(bundle_dir, "LICENSE")):
         files.append("LICENSE")
