@@ -130,3 +130,20 @@ def test_input_kind_from_field_of_view(head_run, synthetic_task):
     assert split_by_kind(cases, "head")["crop"] == [] and split_by_kind(cases, "crop")["head"] == []
     with pytest.raises(ValueError):
         split_by_kind(cases, "brain")
+
+
+def test_configured_box_centres_are_where_the_model_finds_the_template_hippocampi():
+    import yaml
+
+    from scripts.atlas import centres
+
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(os.path.dirname(TEMPLATE)))
+    try:
+        found = centres()
+        with open("configs/inference.yaml") as f:
+            configured = yaml.safe_load(f)["head"]["box_centers"]
+    finally:
+        os.chdir(cwd)
+    for side in ("left", "right"):
+        np.testing.assert_allclose(found[side], configured[side], atol=0.5)
