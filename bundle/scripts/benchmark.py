@@ -170,12 +170,12 @@ def _pipeline(mode: str, parser, batch_size: int, warmup_steps: int, total_steps
         from monai.data import Dataset
 
         from scripts.data import load_training_list
-        from scripts.inference import PreprocessedCases
 
         images = [{"image": case["image"]} for case in load_training_list(parser.get_parsed_content("dataset_dir"))]
-        # as configs/inference.yaml: every scan is preprocessed once, before the model loop (timed separately)
+        # every scan is preprocessed once, before the model loop, so that the loop times the engine (and this apart)
         start = time.perf_counter()
-        preprocessed = PreprocessedCases(images, parser.get_parsed_content("validate#preprocessing")).data
+        preprocessing = parser.get_parsed_content("validate#preprocessing")
+        preprocessed = [preprocessing(dict(image)) for image in images]
         preprocess_ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
         needed = batch_size * total_steps
         data = (preprocessed * math.ceil(needed / len(preprocessed)))[:needed]  # one pass, no loader restarts

@@ -227,6 +227,7 @@ class HeadSegmenter:
         box_centers: `{"left": [x, y, z], "right": [x, y, z]}`, MNI mm.
         box_size: box side lengths in MNI mm.
         output_dir: where masks are written.
+        data_root_dir: the input folder, whose sub-folders the masks' folders mirror.
         device: where the network runs.
         min_side_volume_mm3: a side whose hippocampus is smaller is reported as failed (empty segmentation).
         max_fragment_fraction: a side whose pieces beyond the largest hold more of it is reported as fragmented;
@@ -236,7 +237,8 @@ class HeadSegmenter:
 
     def __init__(self, network: torch.nn.Module, inferer: Inferer, preprocessing: Compose,
                  registration: TemplateRegistration, box_centers: Mapping[str, Sequence[float]],
-                 box_size: Sequence[float], output_dir: str, device: torch.device | str = "cpu",
+                 box_size: Sequence[float], output_dir: str, data_root_dir: str = "",
+                 device: torch.device | str = "cpu",
                  min_side_volume_mm3: float = 1000.0, max_fragment_fraction: float = 0.1,
                  min_box_coverage: float = 0.9) -> None:
         self.network = network
@@ -250,7 +252,7 @@ class HeadSegmenter:
         self.max_fragment_fraction = max_fragment_fraction
         self.min_box_coverage = min_box_coverage
         self.load = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
-        self.save = SaveImage(output_dir=output_dir, output_postfix="seg", output_ext=".nii.gz",
+        self.save = SaveImage(output_dir=output_dir, data_root_dir=data_root_dir, output_postfix="seg", output_ext=".nii.gz",
                               output_dtype=np.uint8, separate_folder=False, resample=False, print_log=False)
 
     def __call__(self, path: str) -> dict:
@@ -269,9 +271,11 @@ class HeadSegmenter:
         affine = np.asarray(image.affine, dtype=np.float64)
         labels = np.zeros(image.shape[1:], dtype=np.uint8)
         foreground = np.zeros(image.shape[1:], dtype=np.float32)
+        confident = []  # top-class probabilities inside each box's hippocampus, as the model gave them (1 mm)
         for side in SIDES:
             box_affine, box_shape = self._box_in_scan(registration, side)
             probabilities = self._segment_box(head, box_affine, box_shape, side)
+            confident.append(probabilities.max(0)[probabilities.argmax(0) > 0])
             self._paste(probabilities, box_affine, affine, labels, foreground, HEAD_LABELS[side])
         times["segmentation_s"] = time.perf_counter() - start
 
@@ -279,6 +283,7 @@ class HeadSegmenter:
         self.save(MetaTensor(torch.from_numpy(labels)[None], meta=image.meta))
         times["writing_s"] = time.perf_counter() - start
         return {"etiv_mm3": registration.etiv_mm3, "mutual_information": registration.mutual_information,
+                "confidence": float(np.concatenate(confident).mean()),
                 "correlation": registration.correlation,
                 "scales": registration.scales.tolist(), **times}
 

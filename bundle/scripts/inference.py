@@ -1,22 +1,21 @@
-"""Folder inference that survives bad cases: MONAI's datasets stop at the first unreadable file."""
+"""Cohort inference that survives bad cases and any folder size: MONAI's datasets stop at the first unreadable file,
+and its bundle CLI neither finds nested inputs, nor shards them across processes, nor tabulates volumes."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-import nibabel as nib
-import numpy as np
-from monai.data import Dataset
+import torch.distributed as dist
+from monai.data import DataLoader, Dataset, list_data_collate
 from monai.handlers import CheckpointLoader
 from monai.utils import look_up_option
 
-from scripts import atomic_write
-from scripts.head import HEAD_LABELS, input_kind
+from scripts.head import input_kind
+from scripts.qc import QualityCheck, draw_qc_png, write_volumes
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +31,12 @@ def case_name(path: str) -> str:
     return name
 
 
-def output_path(output_dir: str, path: str) -> str:
-    return os.path.join(output_dir, f"{case_name(path)}_seg.nii.gz")
-
-
 def _is_dicom_series(folder: str) -> bool:
-    files = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
-    for name in files:
-        with open(os.path.join(folder, name), "rb") as f:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
             header = f.read(132)
         if header[128:132] == b"DICM" or name.lower().endswith(".dcm"):
             return True
@@ -57,58 +54,69 @@ def check_output_dir(output_dir: str) -> str:
     return output_dir
 
 
-def find_cases(dataset_dir: str, output_dir: str, overwrite: bool = False) -> list[dict[str, str]]:
-    """Every NIfTI file and DICOM series folder in `dataset_dir` (or its `imagesTs/` for an MSD task folder).
-
-    Cases whose output already exists are skipped (and logged) unless `overwrite`.
-    """
-    if not os.path.isdir(dataset_dir):
-        raise SystemExit(f"Input folder {dataset_dir} does not exist.")
-    if os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs")):
-        dataset_dir = os.path.join(dataset_dir, "imagesTs")
-    check_output_dir(output_dir)
-    cases = []
-    for name in sorted(os.listdir(dataset_dir)):
-        path = os.path.join(dataset_dir, name)
-        if name.startswith("."):
-            continue
-        if (os.path.isfile(path) and name.endswith(NIFTI_SUFFIXES)) or (os.path.isdir(path) and _is_dicom_series(path)):
-            if os.path.exists(output_path(output_dir, path)) and not overwrite:
-                logger.warning(f"{name}: skipped, {output_path(output_dir, path)} exists (use --overwrite true).")
-                continue
-            cases.append({"image": path})
-    if not cases:
-        logger.warning(f"No NIfTI files or DICOM series to segment in {dataset_dir}.")
-    return cases
-
-
-class PreprocessedCases(Dataset):
-    """Applies `transform` to every case up front; a case that fails is kept in `failures`, not raised.
+class Inputs:
+    """The NIfTI files and DICOM series folders of `dataset_dir` (its `imagesTs/` for an MSD task folder), at any
+    depth with `recursive`; each one's mask goes to the same relative folder under `output_dir`.
 
     Args:
-        data: case dicts with an `image` path.
-        transform: the deterministic preprocessing.
+        dataset_dir: the input folder.
+        output_dir: where masks, `volumes.csv` and QC pictures go; created and checked for writing.
+        recursive: also look in sub-folders (a folder of DICOM files is one series and is not searched further).
     """
 
-    def __init__(self, data: Sequence[dict], transform: Callable) -> None:
-        self.failures: list[tuple[str, str]] = []
-        ready = []
-        for case in data:
-            try:
-                ready.append(transform(dict(case)))
-            except Exception as e:  # any reader or transform error belongs to this case only
-                self.failures.append((case["image"], _reason(e)))
-                logger.error(f"{case['image']}: FAILED, {_reason(e)}")
-        self.cases = list(data)
-        super().__init__(data=ready, transform=None)
+    def __init__(self, dataset_dir: str, output_dir: str, recursive: bool = False) -> None:
+        if not os.path.isdir(dataset_dir):
+            raise SystemExit(f"Input folder {dataset_dir} does not exist.")
+        self.dataset_dir = dataset_dir
+        msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs"))
+        self.root = os.path.join(dataset_dir, "imagesTs") if msd else dataset_dir
+        self.output_dir = check_output_dir(output_dir)
+        self.paths = self._find(recursive)
+        if not self.paths:
+            raise SystemExit(f"No NIfTI files or DICOM series to segment in {self.root}.")
+
+    def _find(self, recursive: bool) -> list[str]:
+        found = []
+        for folder, subfolders, files in os.walk(self.root):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in list(subfolders):
+                path = os.path.join(folder, name)
+                if _is_dicom_series(path):
+                    found.append(path)
+                    subfolders.remove(name)
+            found += [os.path.join(folder, f) for f in files if f.endswith(NIFTI_SUFFIXES) and not f.startswith(".")]
+            if not recursive:
+                break
+        return sorted(found)
+
+    def case(self, path: str) -> str:
+        """The input's path relative to `dataset_dir`: the `case` column of `volumes.csv`."""
+        return os.path.relpath(path, self.dataset_dir)
+
+    def mask_path(self, path: str) -> str:
+        relative = os.path.dirname(os.path.relpath(path, self.root))
+        return os.path.join(self.output_dir, relative, f"{case_name(path)}_seg.nii.gz")
+
+    def qc_png_path(self, path: str) -> str:
+        relative = os.path.dirname(os.path.relpath(path, self.root))
+        return os.path.join(self.output_dir, "qc", relative, f"{case_name(path)}.png")
+
+    def pending(self, overwrite: bool = False) -> list[dict[str, str]]:
+        """Inputs still to segment: those whose mask exists are skipped (and logged) unless `overwrite`."""
+        cases = []
+        for path in self.paths:
+            if os.path.exists(self.mask_path(path)) and not overwrite:
+                logger.warning(f"{self.case(path)}: skipped, {self.mask_path(path)} exists (use --overwrite true).")
+                continue
+            cases.append({"image": path})
+        return cases
 
 
-def _reason(error: BaseException) -> str:
-    """The innermost message of a (possibly MONAI-wrapped) exception."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    message = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {message[-1] if message else 'no message'}"
+def shard(cases: Sequence[dict]) -> list[dict]:
+    """This process's share of `cases` (every case once across the processes of a distributed run)."""
+    if not dist.is_initialized():
+        return list(cases)
+    return list(cases[dist.get_rank():: dist.get_world_size()])
 
 
 def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[dict]]:
@@ -120,6 +128,63 @@ def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[d
     return split
 
 
+class _SafeCases(Dataset):
+    """Each item preprocessed on demand; a case that fails becomes `{"image": path, "failure": reason}`."""
+
+    def _transform(self, index: int) -> dict:
+        case = self.data[index]
+        try:
+            return self.transform(dict(case))
+        except Exception as e:  # any reader or transform error belongs to this case only
+            return {"image": case["image"], "failure": _reason(e)}
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+class CaseStream:
+    """Crop cases read and preprocessed as the model consumes them, `num_workers` DataLoader processes reading
+    ahead, so memory does not grow with the folder. Cases that fail are kept in `failures`, not raised. It has no
+    length: an Ignite engine runs one epoch over it until it is exhausted.
+
+    Args:
+        data: case dicts with an `image` path.
+        transform: the deterministic preprocessing.
+        batch_size: cases per batch (same-shaped inputs only).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, data: Sequence[dict], transform: Callable, batch_size: int = 1, num_workers: int = 0) -> None:
+        self.cases = list(data)
+        self.transform = transform
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.failures: list[tuple[str, str]] = []
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = DataLoader(_SafeCases(self.cases, self.transform), batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.num_workers, collate_fn=_as_list)
+        for items in loader:
+            good = []
+            for item in items:
+                if "failure" in item:
+                    self.failures.append((item["image"], item["failure"]))
+                    logger.error(f"{item['image']}: FAILED, {item['failure']}")
+                else:
+                    good.append(item)
+            if good:
+                yield list_data_collate(good)
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost message of a (possibly MONAI-wrapped) exception."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[-1] if message else 'no message'}"
+
+
 class HeadCases:
     """Whole-head cases, segmented one at a time by `segmenter` (`scripts.head.HeadSegmenter`); a case that fails
     is kept in `failures` with its reason, and the others go on."""
@@ -129,9 +194,6 @@ class HeadCases:
         self.segmenter = segmenter
         self.failures: list[tuple[str, str]] = []
         self.results: dict[str, dict] = {}
-
-    def __len__(self) -> int:
-        return len(self.cases)
 
     def run(self) -> None:
         for case in self.cases:
@@ -150,15 +212,31 @@ class HeadCases:
                         f"correlation {result['correlation']:.2f}")
 
 
-def run(evaluator, dataset: PreprocessedCases, ckpt_file: str, heads: HeadCases | None = None,
-        handlers: Sequence = ()) -> None:
-    """Segments the readable crops through `evaluator`, then the heads; weights that do not fit the network end the
-    run naming the mismatched keys. `handlers`' checkpoint loaders load the weights when no crop ran."""
+class ConfidenceRecorder:
+    """A post-processing step on softmax probabilities (`key`, channel first, before argmax): records each case's
+    mean top-class probability inside its predicted hippocampus, for the low-confidence QC flag."""
+
+    def __init__(self, key: str = "pred") -> None:
+        self.key = key
+        self.values: dict[str, float] = {}
+
+    def __call__(self, data: dict) -> dict:
+        probabilities = data[self.key]
+        top, label = probabilities.max(0)
+        inside = label > 0
+        image = str(probabilities.meta["filename_or_obj"])
+        self.values[image] = float(top[inside].mean()) if bool(inside.any()) else float("nan")
+        return data
+
+
+def run(evaluator, crops: CaseStream, ckpt_file: str, heads: HeadCases, handlers: Sequence = ()) -> None:
+    """Segments the crops through `evaluator`, then the heads; weights that do not fit the network end the run
+    naming the mismatched keys. `handlers`' checkpoint loaders load the weights when no crop ran."""
     try:
-        if len(dataset):
+        if crops.cases:
             evaluator.run()
-        if heads is not None and len(heads):
-            if not len(dataset):
+        if heads.cases:
+            if not crops.cases:
                 for handler in handlers:
                     if isinstance(handler, CheckpointLoader):
                         handler(evaluator)
@@ -169,74 +247,39 @@ def run(evaluator, dataset: PreprocessedCases, ckpt_file: str, heads: HeadCases 
         raise SystemExit(f"{ckpt_file} does not fit the configured network: {e}") from None
 
 
-def report(dataset: PreprocessedCases, output_dir: str, heads: HeadCases | None = None, dataset_dir: str = "") -> None:
-    """Write `volumes.csv`, log one summary line; exit non-zero when any case failed or its mask is missing."""
-    heads = heads if heads is not None else HeadCases([], lambda image: {})
-    failed = list(dataset.failures) + list(heads.failures)
+def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: ConfidenceRecorder, quality: QualityCheck,
+           qc_png: bool = False) -> None:
+    """Writes `volumes.csv` (and QC pictures), logs one summary line covering every process's cases, and exits
+    non-zero when any case failed or its mask is missing."""
+    failed = crops.failures + heads.failures
     failed_images = {image for image, _ in failed}
-    written = []
-    for case in dataset.cases + heads.cases:
-        if case["image"] in failed_images:
+    rows = []
+    for case in crops.cases + heads.cases:
+        image = case["image"]
+        if image in failed_images:
             continue
-        if os.path.isfile(output_path(output_dir, case["image"])):
-            written.append(case["image"])
-        else:
-            failed.append((case["image"], "no mask was written"))
-    write_volumes(output_dir, dataset_dir, written, heads.results)
-    logger.info(f"Inference finished: {len(written)} written, {len(failed)} failed, output in {output_dir}.")
+        mask = inputs.mask_path(image)
+        if not os.path.isfile(mask):
+            failed.append((image, "no mask was written"))
+            continue
+        head = heads.results.get(image)
+        rows.append(quality.row(inputs.case(image), mask, head, head["confidence"] if head else confidence.values.get(image)))
+        if qc_png:
+            draw_qc_png(image, mask, inputs.qc_png_path(image))
+    if dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (rows, failed))
+        rows = [row for part, _ in gathered for row in part]
+        failed = [failure for _, part in gathered for failure in part]
+        if dist.get_rank() != 0:
+            if failed:
+                raise SystemExit(1)
+            return
+    write_volumes(inputs, rows, quality)
+    flagged = sum(row["qc"] == "review" for row in rows)
+    logger.info(f"Inference finished: {len(rows)} written ({flagged} flagged for review), {len(failed)} failed, "
+                f"output in {inputs.output_dir}.")
     if failed:
         lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
         raise SystemExit(f"{len(failed)} case(s) failed:\n{lines}")
 
-
-VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
-                  *(f"{side}_{part}_mm3" for side in HEAD_LABELS for part in ("anterior", "posterior", "total")),
-                  "etiv_mm3"]
-
-
-def mask_volumes(mask_file: str) -> dict[str, float]:
-    """Volumes (mm3) of each label of a written mask: voxel count times the voxel volume of its affine.
-    Labels 3 and 4 (right side) make it a head mask; a crop mask has 1 anterior and 2 posterior only."""
-    mask = nib.load(mask_file)
-    counts = np.bincount(np.asarray(mask.dataobj, dtype=np.uint8).ravel(), minlength=5)
-    voxel = abs(float(np.linalg.det(mask.affine[:3, :3])))
-    return {label: float(counts[label]) * voxel for label in range(1, 5)}
-
-
-def volume_row(case: str, mask_file: str, head: dict | None) -> dict[str, str]:
-    """One `volumes.csv` row; `head` is the head segmenter's result, None for a crop."""
-    volumes = mask_volumes(mask_file)
-    row = {"case": case, "kind": "head" if head is not None else "crop"}
-    if head is None:
-        anterior, posterior = volumes[1], volumes[2]
-    else:
-        for side, (anterior_label, posterior_label) in HEAD_LABELS.items():
-            row[f"{side}_anterior_mm3"] = f"{volumes[anterior_label]:.1f}"
-            row[f"{side}_posterior_mm3"] = f"{volumes[posterior_label]:.1f}"
-            row[f"{side}_total_mm3"] = f"{volumes[anterior_label] + volumes[posterior_label]:.1f}"
-        anterior, posterior = volumes[1] + volumes[3], volumes[2] + volumes[4]
-        row["etiv_mm3"] = f"{head['etiv_mm3']:.0f}"
-    row.update(anterior_mm3=f"{anterior:.1f}", posterior_mm3=f"{posterior:.1f}", total_mm3=f"{anterior + posterior:.1f}")
-    return row
-
-
-def write_volumes(output_dir: str, dataset_dir: str, written: Sequence[str], head_results: dict[str, dict]) -> None:
-    """`output_dir/volumes.csv`, written atomically: a row for each mask written now, and the earlier rows of cases
-    whose mask is still on disk (skipped because it existed)."""
-    path = os.path.join(output_dir, "volumes.csv")
-    root = dataset_dir if os.path.isdir(dataset_dir) else os.path.commonpath(written) if written else ""
-    rows = {}
-    if os.path.isfile(path):
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if os.path.isfile(output_path(output_dir, row["case"])):
-                    rows[row["case"]] = row
-    for image in written:
-        case = os.path.relpath(image, root) if root else image
-        rows[case] = volume_row(case, output_path(output_dir, image), head_results.get(image))
-    if not rows:
-        return
-    with atomic_write(path, "w") as f:
-        table = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
-        table.writeheader()
-        table.writerows(rows[case] for case in sorted(rows))

@@ -1,0 +1,231 @@
+"""Volumes and quality flags per case, which MONAI does not tabulate: `volumes.csv` of inference, QC pictures, and the
+commands that compute the flags' reference and measure them on a split of an MSD task folder.
+
+    python -m scripts.qc reference --dataset_dir D           # volume range of each label in the training split
+    python -m scripts.qc evaluate --dataset_dir D --split development --output_dir OUT   # confidences: threshold
+    python -m scripts.qc evaluate --dataset_dir D --split validation --output_dir OUT    # flags against Dice
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from scripts import atomic_write
+from scripts.head import HEAD_LABELS
+
+PARTS = ("anterior", "posterior")
+VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
+                  *(f"{side}_{part}_mm3" for side in HEAD_LABELS for part in (*PARTS, "total")),
+                  "etiv_mm3", "confidence", "qc", "qc_reasons"]
+
+
+class QualityCheck:
+    """Flags a case for review (`qc` = `review`, reasons in `qc_reasons`, `;`-separated) when a label is absent, its
+    volume lies outside the range of the training labels, it is split into several connected pieces, or the model's
+    mean top-class probability inside the predicted hippocampus is below `min_confidence`.
+
+    Args:
+        volume_range: {"anterior": [low, high], "posterior": [low, high]} in mm3 (`python -m scripts.qc reference`),
+            for one hippocampus (a crop, or one side of a head).
+        min_confidence: the confidence threshold (set on the development split).
+    """
+
+    def __init__(self, volume_range: Mapping[str, Sequence[float]], min_confidence: float) -> None:
+        self.volume_range = {part: tuple(float(v) for v in volume_range[part]) for part in PARTS}
+        self.min_confidence = float(min_confidence)
+
+    def row(self, case: str, mask_file: str, head: dict | None = None, confidence: float | None = None) -> dict:
+        """The `volumes.csv` row of one written mask; `head` is the head segmenter's result, None for a crop."""
+        mask = nib.load(mask_file)
+        labels = np.asarray(mask.dataobj, dtype=np.uint8)
+        voxel = abs(float(np.linalg.det(mask.affine[:3, :3])))
+        kind = "head" if head is not None or labels.max() > 2 else "crop"
+        structures = ({f"{side} {part}": label for side, side_labels in HEAD_LABELS.items()
+                       for part, label in zip(PARTS, side_labels)} if kind == "head" else {"anterior": 1, "posterior": 2})
+        counts = np.bincount(labels.ravel(), minlength=5)
+        volumes = {name: float(counts[label]) * voxel for name, label in structures.items()}
+        reasons = []
+        for name, label in structures.items():
+            low, high = self.volume_range[name.split()[-1]]
+            if volumes[name] == 0:
+                reasons.append(f"{name} absent")
+                continue
+            if not low <= volumes[name] <= high:
+                reasons.append(f"{name} {volumes[name]:.0f} mm3 outside {low:.0f}-{high:.0f}")
+            pieces = ndimage.label(labels == label, structure=np.ones((3, 3, 3)))[1]
+            if pieces > 1:
+                reasons.append(f"{name} in {pieces} pieces")
+        if confidence is not None and not confidence >= self.min_confidence:
+            reasons.append(f"confidence {confidence:.3f} < {self.min_confidence}")
+        row = {"case": case, "kind": kind}
+        if kind == "head":
+            for side in HEAD_LABELS:
+                anterior, posterior = volumes[f"{side} anterior"], volumes[f"{side} posterior"]
+                row.update({f"{side}_anterior_mm3": f"{anterior:.1f}", f"{side}_posterior_mm3": f"{posterior:.1f}",
+                            f"{side}_total_mm3": f"{anterior + posterior:.1f}"})
+            anterior = volumes["left anterior"] + volumes["right anterior"]
+            posterior = volumes["left posterior"] + volumes["right posterior"]
+            if head is not None:
+                row["etiv_mm3"] = f"{head['etiv_mm3']:.0f}"
+        else:
+            anterior, posterior = volumes["anterior"], volumes["posterior"]
+        row.update(anterior_mm3=f"{anterior:.1f}", posterior_mm3=f"{posterior:.1f}",
+                   total_mm3=f"{anterior + posterior:.1f}",
+                   confidence="" if confidence is None else f"{confidence:.4f}",
+                   qc="review" if reasons else "ok", qc_reasons="; ".join(reasons))
+        return row
+
+
+def write_volumes(inputs, rows: Sequence[dict], quality: QualityCheck) -> None:
+    """`volumes.csv` in `inputs.output_dir`, written atomically: one row per input whose mask is on disk, from `rows`
+    (this run), else from the earlier file, else computed from the mask (a case skipped because its mask exists)."""
+    path = os.path.join(inputs.output_dir, "volumes.csv")
+    earlier = {}
+    if os.path.isfile(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            earlier = {row["case"]: row for row in csv.DictReader(f)}
+    now = {row["case"]: row for row in rows}
+    table = []
+    for image in inputs.paths:
+        case, mask = inputs.case(image), inputs.mask_path(image)
+        if case in now:
+            table.append(now[case])
+        elif os.path.isfile(mask):
+            table.append(earlier.get(case) or quality.row(case, mask))
+    with atomic_write(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def draw_qc_png(image_file: str, mask_file: str, png_file: str) -> None:
+    """Three orthogonal slices (RAS), each the one holding most of the mask, with each label outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
+
+    load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation("RAS")])
+    image, labels = (np.asarray(load(f)[0]) for f in (image_file, mask_file))
+    centre = [int(np.argmax((labels > 0).sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
+    colours = ["#e41a1c", "#ffd92f", "#377eb8", "#4daf4a"]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for axis, (ax, title) in enumerate(zip(axes, ("sagittal", "coronal", "axial"))):
+        picture, outline = np.take(image, centre[axis], axis).T, np.take(labels, centre[axis], axis).T
+        ax.imshow(picture, cmap="gray", origin="lower")
+        for label in range(1, int(labels.max()) + 1):
+            if (outline == label).any():
+                ax.contour(outline == label, levels=[0.5], colors=colours[(label - 1) % 4], linewidths=1)
+        ax.set_title(f"{title} {centre[axis]}")
+        ax.axis("off")
+    figure.suptitle(os.path.basename(mask_file))
+    os.makedirs(os.path.dirname(png_file), exist_ok=True)
+    figure.savefig(png_file, dpi=80, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _split_cases(dataset_dir: str, split: str) -> list[dict[str, str]]:
+    """The MSD task's `training` (the model's 187 cases), `validation` (21) or `development` (47 of the training
+    cases, configs/dev_split.yaml) cases, split_seed 0."""
+    from scripts.data import load_training_list, split_dataset
+
+    usual = split_dataset(load_training_list(dataset_dir), 0, 0.9)
+    if split == "development":
+        return split_dataset(usual["training"], 1, 0.75)["validation"]
+    return usual[split]
+
+
+def reference(dataset_dir: str) -> dict:
+    """The range of each label's volume (mm3) over the training split's labels: `qc#volume_range`."""
+    ranges = {}
+    volumes = {part: [] for part in PARTS}
+    for case in _split_cases(dataset_dir, "training"):
+        label = nib.load(case["label"])
+        counts = np.bincount(np.asarray(label.dataobj, dtype=np.uint8).ravel(), minlength=3)
+        voxel = abs(float(np.linalg.det(label.affine[:3, :3])))
+        for index, part in enumerate(PARTS, start=1):
+            volumes[part].append(counts[index] * voxel)
+    for part in PARTS:
+        ranges[part] = [float(min(volumes[part])), float(max(volumes[part]))]
+    return ranges
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def evaluate(dataset_dir: str, split: str = "validation", output_dir: str = "eval/qc", keep_largest: bool | None = None) -> dict:
+    """Runs configs/inference.yaml on a split's images (with `--keep_largest` when given)
+    and measures, against the labels in each image's grid: Dice per case, the QC flags (Dice of flagged and
+    unflagged cases), volume agreement (Pearson r and mean absolute % error per label and total) and confidences."""
+    dataset_dir = os.path.abspath(dataset_dir)
+    cases = _split_cases(dataset_dir, split)
+    images = os.path.join(output_dir, "images")
+    os.makedirs(images, exist_ok=True)
+    for case in cases:
+        link = os.path.join(images, os.path.basename(case["image"]))
+        if not os.path.lexists(link):
+            os.symlink(case["image"], link)
+    masks = os.path.join(output_dir, "masks")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+               "--dataset_dir", images, "--output_dir", masks, "--overwrite", "true"]
+    if keep_largest is not None:
+        command += ["--keep_largest", str(keep_largest).lower()]
+    subprocess.run(command, check=False)
+    with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
+        rows = {row["case"]: row for row in csv.DictReader(f)}
+    results = []
+    for case in cases:
+        name = os.path.basename(case["image"])
+        predicted = np.asarray(nib.load(os.path.join(masks, name.replace(".nii.gz", "_seg.nii.gz"))).dataobj)
+        label = nib.load(case["label"])
+        truth = np.asarray(label.dataobj)
+        voxel = abs(float(np.linalg.det(label.affine[:3, :3])))
+        row = rows[name]
+        results.append({
+            "case": name, "qc": row["qc"], "reasons": row["qc_reasons"], "confidence": float(row["confidence"]),
+            **{f"dice_{part}": _dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)},
+            **{f"{part}_true": float((truth == i).sum()) * voxel for i, part in enumerate(PARTS, start=1)},
+            **{f"{part}_pred": float(row[f"{part}_mm3"]) for part in PARTS},
+        })
+    return {"split": split, "cases": len(results), **_summarise(results)}
+
+
+def _summarise(results: list[dict]) -> dict:
+    summary: dict = {}
+    for part in PARTS:
+        summary[f"dice_{part}"] = round(float(np.mean([r[f"dice_{part}"] for r in results])), 4)
+    for r in results:
+        r["total_true"], r["total_pred"] = r["anterior_true"] + r["posterior_true"], r["anterior_pred"] + r["posterior_pred"]
+    for part in (*PARTS, "total"):
+        true = np.array([r[f"{part}_true"] for r in results])
+        pred = np.array([r[f"{part}_pred"] for r in results])
+        summary[f"volume_{part}"] = {"pearson_r": round(float(np.corrcoef(true, pred)[0, 1]), 3),
+                                     "mean_abs_error_pct": round(float(np.mean(np.abs(pred - true) / true) * 100), 2)}
+    confidences = np.array([r["confidence"] for r in results])
+    summary["confidence"] = {"min": round(float(confidences.min()), 4),
+                             "p5": round(float(np.percentile(confidences, 5)), 4),
+                             "median": round(float(np.median(confidences)), 4)}
+    for flag in ("review", "ok"):
+        group = [r for r in results if r["qc"] == flag]
+        mean = (lambda key: round(float(np.mean([r[key] for r in group])), 4)) if group else (lambda key: math.nan)
+        summary[f"qc_{flag}"] = {"cases": len(group), "dice_anterior": mean("dice_anterior"),
+                                 "dice_posterior": mean("dice_posterior")}
+    summary["reasons"] = {r["case"]: r["reasons"] for r in results if r["qc"] == "review"}
+    return summary
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"reference": reference, "evaluate": evaluate})
