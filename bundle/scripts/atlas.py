@@ -48,6 +48,7 @@ def centres(config_file: str = "configs/inference.yaml", template: str = f"atlas
     parser.read_config(config_file)
     with tempfile.TemporaryDirectory() as output_dir:
         parser["output_dir"] = output_dir
+        parser["head#segmenter#data_root_dir"] = ""  # no input folder to mirror
         network = parser.get_parsed_content("network")
         network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
         segmenter = parser.get_parsed_content("head#segmenter")

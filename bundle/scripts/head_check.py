@@ -141,6 +141,7 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
     parser = ConfigParser()
     parser.read_config(config_file)
     parser["output_dir"] = masks
+    parser["head#segmenter#data_root_dir"] = ""  # no input folder to mirror
     network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
     segmenter = parser.get_parsed_content("head#segmenter")

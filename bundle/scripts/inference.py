@@ -277,8 +277,8 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
             return
     write_volumes(inputs, rows, quality)
     flagged = sum(row["qc"] == "review" for row in rows)
-    logger.info(f"Inference finished: {len(rows)} written ({flagged} flagged for review), {len(failed)} failed, "
-                f"output in {inputs.output_dir}.")
+    logger.info(f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
+                f"in volumes.csv, output in {inputs.output_dir}.")
     if failed:
         lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
         raise SystemExit(f"{len(failed)} case(s) failed:\n{lines}")

@@ -9,6 +9,7 @@ commands that compute the flags' reference and measure them on a split of an MSD
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import subprocess
@@ -22,6 +23,7 @@ from scipy import ndimage
 from scripts import atomic_write
 from scripts.head import HEAD_LABELS
 
+logger = logging.getLogger(__name__)
 PARTS = ("anterior", "posterior")
 VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
                   *(f"{side}_{part}_mm3" for side in HEAD_LABELS for part in (*PARTS, "total")),
@@ -80,7 +82,7 @@ class QualityCheck:
             anterior, posterior = volumes["anterior"], volumes["posterior"]
         row.update(anterior_mm3=f"{anterior:.1f}", posterior_mm3=f"{posterior:.1f}",
                    total_mm3=f"{anterior + posterior:.1f}",
-                   confidence="" if confidence is None else f"{confidence:.4f}",
+                   confidence="" if confidence is None or math.isnan(confidence) else f"{confidence:.4f}",
                    qc="review" if reasons else "ok", qc_reasons="; ".join(reasons))
         return row
 
@@ -99,8 +101,13 @@ def write_volumes(inputs, rows: Sequence[dict], quality: QualityCheck) -> None:
         case, mask = inputs.case(image), inputs.mask_path(image)
         if case in now:
             table.append(now[case])
+        elif case in earlier and os.path.isfile(mask):
+            table.append(earlier[case])
         elif os.path.isfile(mask):
-            table.append(earlier.get(case) or quality.row(case, mask))
+            try:
+                table.append(quality.row(case, mask))
+            except Exception as e:  # an unreadable old mask loses its row, not the table
+                logger.warning(f"{mask}: no volumes ({type(e).__name__}: {e})")
     with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
         writer.writeheader()

@@ -1,0 +1,147 @@
+"""Cohort inference: nested folders, sharding across processes, volumes.csv with QC flags, reruns, QC pictures."""
+
+import csv
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import BUNDLE_DIR
+from dicom_series import write_dicom_series
+from test_inference import run_inference
+
+SHARDED = "['configs/inference.yaml','configs/multi_gpu_inference.yaml']"
+
+
+def read_volumes(folder):
+    with open(os.path.join(folder, "volumes.csv"), newline="", encoding="utf-8") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def run_sharded(input_dir, output_dir, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+         "run", "--config_file", SHARDED, "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), *extra],
+        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def bids(synthetic_task, tmp_path_factory):
+    """A BIDS-like tree: two subjects' `anat/T1w.nii.gz` (same file name), a nested DICOM series, a top-level scan and
+    a broken nested file."""
+    root = tmp_path_factory.mktemp("bids") / "in"
+    images = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))
+    for i, subject in enumerate(("sub-01", "sub-02")):
+        (root / subject / "ses-1" / "anat").mkdir(parents=True)
+        shutil.copy(images[i], root / subject / "ses-1" / "anat" / "T1w.nii.gz")
+    write_dicom_series(np.asarray(nib.load(images[2]).dataobj), str(root / "sub-03" / "dicom" / "t1 series"))
+    shutil.copy(images[3], root / "top.nii.gz")
+    (root / "sub-03" / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    return root
+
+
+EXPECTED_MASKS = ["sub-01/ses-1/anat/T1w_seg.nii.gz", "sub-02/ses-1/anat/T1w_seg.nii.gz",
+                  "sub-03/dicom/t1 series_seg.nii.gz", "top_seg.nii.gz"]
+EXPECTED_CASES = ["sub-01/ses-1/anat/T1w.nii.gz", "sub-02/ses-1/anat/T1w.nii.gz", "sub-03/dicom/t1 series", "top.nii.gz"]
+
+
+def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_path):
+    out = tmp_path / "out"
+    result = run_sharded(bids, out, "--recursive", "true", "--qc_png", "true", "--num_workers", "1")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0  # the broken file
+    assert log.count("Inference finished: 4 written, 1 failed") == 1, log[-4000:]  # one summary for both processes
+    assert any("broken.nii.gz" in line and "FAILED" in line for line in log.splitlines())
+    masks = sorted(os.path.relpath(p, out) for p in glob.glob(str(out / "**" / "*_seg.nii.gz"), recursive=True))
+    assert masks == sorted(EXPECTED_MASKS)
+    for case, mask in zip(EXPECTED_CASES, EXPECTED_MASKS):
+        if case.endswith(".nii.gz"):
+            assert nib.load(str(out / mask)).shape == nib.load(str(bids / case)).shape
+    rows = read_volumes(out)
+    assert sorted(rows) == sorted(EXPECTED_CASES)
+    for case, mask in zip(EXPECTED_CASES, EXPECTED_MASKS):
+        labels = np.asarray(nib.load(str(out / mask)).dataobj)
+        voxel = abs(np.linalg.det(nib.load(str(out / mask)).affine[:3, :3]))
+        assert float(rows[case]["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, abs=0.5)
+        confidence = rows[case]["confidence"]  # empty when nothing was segmented
+        assert rows[case]["qc"] in ("ok", "review") and (confidence == "" or 0 < float(confidence) <= 1)
+    pictures = sorted(os.path.relpath(p, out / "qc") for p in glob.glob(str(out / "qc" / "**" / "*.png"), recursive=True))
+    assert pictures == sorted(m.replace("_seg.nii.gz", ".png") for m in EXPECTED_MASKS)
+    assert all(os.path.getsize(out / "qc" / p) > 5000 for p in pictures)
+
+    # a process died before its masks and the table were written: the rerun completes the cohort, nothing else
+    os.remove(out / EXPECTED_MASKS[1])
+    os.remove(out / "volumes.csv")
+    os.remove(bids / "sub-03" / "broken.nii.gz")
+    kept = {m: (out / m).stat().st_mtime_ns for m in EXPECTED_MASKS if m != EXPECTED_MASKS[1]}
+    result = run_sharded(bids, out, "--recursive", "true")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "Inference finished: 1 written, 0 failed" in result.stdout + result.stderr
+    assert {m: (out / m).stat().st_mtime_ns for m in kept} == kept
+    assert sorted(read_volumes(out)) == sorted(EXPECTED_CASES)
+
+
+def test_flat_run_ignores_sub_folders_and_empty_input_is_an_error(bids, tmp_path):
+    result = run_inference(bids, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["top_seg.nii.gz", "volumes.csv"]
+    again = run_inference(bids, tmp_path / "out")  # every case skipped: not an error
+    assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    result = run_inference(empty, tmp_path / "out2")
+    assert result.returncode != 0
+    assert "No NIfTI files or DICOM series to segment" in result.stderr and "Traceback" not in result.stderr
+
+
+def write_mask(path, labels, spacing=1.0):
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.diag([spacing] * 3 + [1.0])), str(path))
+    return str(path)
+
+
+def test_quality_flags(tmp_path):
+    from scripts.qc import QualityCheck
+
+    check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, min_confidence=0.9)
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:17, 5:17, 5:17] = 1  # 1728 mm3
+    labels[20:32, 5:17, 5:17] = 2
+    good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95)
+    assert (good["qc"], good["qc_reasons"], good["anterior_mm3"]) == ("ok", "", "1728.0")
+    split = labels.copy()
+    split[35:38, 35:38, 35:38] = 2  # a second piece of posterior
+    row = check.row("split", write_mask(tmp_path / "split.nii.gz", split), confidence=0.95)
+    assert row["qc"] == "review" and row["qc_reasons"] == "posterior in 2 pieces"
+    no_posterior = np.where(labels == 2, 0, labels)
+    row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), confidence=0.5)
+    assert row["qc_reasons"] == "anterior 13824 mm3 outside 1000-3000; posterior absent; confidence 0.500 < 0.9"
+    head = np.zeros((40, 40, 40), np.uint8)
+    head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17] = 1, 2, 3
+    row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6}, confidence=0.95)
+    assert row["kind"] == "head" and row["left_total_mm3"] == "3456.0" and row["right_anterior_mm3"] == "1728.0"
+    assert row["qc_reasons"] == "right posterior absent" and row["etiv_mm3"] == "1500000"
+
+
+def test_case_stream_reads_cases_only_as_they_are_consumed():
+    from scripts.inference import CaseStream
+
+    read = []
+
+    def transform(case):
+        read.append(case["image"])
+        if case["image"] == "bad":
+            raise ValueError("unreadable")
+        return {"image": np.zeros((1, 2, 2, 2), np.float32)}
+
+    stream = CaseStream([{"image": name} for name in ("a", "bad", "c", "d")], transform)
+    batches = iter(stream)
+    next(batches)
+    assert read == ["a"]
+    assert len(list(batches)) == 2 and read == ["a", "bad", "c", "d"]
+    assert stream.failures == [("bad", "ValueError: unreadable")]
