@@ -53,7 +53,7 @@ EXPECTED_CASES = ["sub-01/ses-1/anat/T1w.nii.gz", "sub-02/ses-1/anat/T1w.nii.gz"
 
 def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_path):
     out = tmp_path / "out"
-    result = run_sharded(bids, out, "--recursive", "true", "--qc_png", "true", "--num_workers", "1")
+    result = run_sharded(bids, out, "--recursive", "true", "--qc_png", "true", "--num_workers", "1", "--dicom_seg", "true")
     log = result.stdout + result.stderr
     assert result.returncode != 0  # the broken file
     assert log.count("Inference finished: 4 written, 1 failed") == 1, log[-4000:]  # one summary for both processes
@@ -75,6 +75,8 @@ def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_pat
     assert pictures == sorted(m.replace("_seg.nii.gz", ".png") for m in EXPECTED_MASKS)
     assert all(os.path.getsize(out / "qc" / p) > 5000 for p in pictures)
 
+    assert_dicom_seg_matches_mask(bids / "sub-03" / "dicom" / "t1 series", out / "sub-03" / "dicom" / "t1 series_seg")
+
     # a process died before its masks and the table were written: the rerun completes the cohort, nothing else
     os.remove(out / EXPECTED_MASKS[1])
     os.remove(out / "volumes.csv")
@@ -85,6 +87,38 @@ def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_pat
     assert "Inference finished: 1 written, 0 failed" in result.stdout + result.stderr
     assert {m: (out / m).stat().st_mtime_ns for m in kept} == kept
     assert sorted(read_volumes(out)) == sorted(EXPECTED_CASES)
+
+
+def assert_dicom_seg_matches_mask(series, seg_base):
+    """The SEG references every source slice and, placed by each source slice's own position, equals the NIfTI mask."""
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(f"{seg_base}.dcm")
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["Anterior hippocampus", "Posterior hippocampus"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "5366008"  # SCT hippocampus
+    assert seg.SoftwareVersions == json_version()
+    sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sorted(series.iterdir())]
+    frames = seg.get_pixels_by_source_instance([s.SOPInstanceUID for s in sources], combine_segments=True,
+                                               ignore_spatial_locations=True)
+    mask = nib.load(f"{seg_base}.nii.gz")
+    labels = np.asarray(mask.dataobj)
+    to_voxel = np.linalg.inv(mask.affine)
+    assert frames.any()
+    for frame, source in zip(frames, sources):
+        rows, cols = np.nonzero(np.ones_like(frame))
+        x, y = np.array(source.ImageOrientationPatient[:3], float), np.array(source.ImageOrientationPatient[3:], float)
+        row_spacing, col_spacing = map(float, source.PixelSpacing)
+        lps = np.array(source.ImagePositionPatient, float) + np.outer(cols * col_spacing, x) + np.outer(rows * row_spacing, y)
+        voxels = np.rint(nib.affines.apply_affine(to_voxel, lps * [-1, -1, 1])).astype(int)
+        np.testing.assert_array_equal(labels[voxels[:, 0], voxels[:, 1], voxels[:, 2]], frame[rows, cols])
+
+
+def json_version():
+    import json
+
+    with open(os.path.join(BUNDLE_DIR, "configs", "metadata.json")) as f:
+        return json.load(f)["version"]
 
 
 def test_flat_run_ignores_sub_folders_and_empty_input_is_an_error(bids, tmp_path):

@@ -248,9 +248,10 @@ def run(evaluator, crops: CaseStream, ckpt_file: str, heads: HeadCases, handlers
 
 
 def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: ConfidenceRecorder, quality: QualityCheck,
-           qc_png: bool = False) -> None:
-    """Writes `volumes.csv` (and QC pictures), logs one summary line covering every process's cases, and exits
-    non-zero when any case failed or its mask is missing."""
+           qc_png: bool = False, dicom_seg_metadata: str | None = None) -> None:
+    """Writes `volumes.csv`, QC pictures with `qc_png` and, with `dicom_seg_metadata` (the bundle's metadata.json),
+    a DICOM SEG beside the mask of each DICOM series; logs one summary line covering every process's cases, and
+    exits non-zero when any case failed or its mask (or SEG) is missing."""
     failed = crops.failures + heads.failures
     failed_images = {image for image, _ in failed}
     rows = []
@@ -266,6 +267,14 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
         rows.append(quality.row(inputs.case(image), mask, head, head["confidence"] if head else confidence.values.get(image)))
         if qc_png:
             draw_qc_png(image, mask, inputs.qc_png_path(image))
+        if dicom_seg_metadata and os.path.isdir(image):
+            from scripts.dicom_seg import write_dicom_seg
+
+            try:
+                write_dicom_seg(image, mask, mask[: -len(".nii.gz")] + ".dcm", rows[-1]["kind"], dicom_seg_metadata)
+            except Exception as e:  # the mask stands; the series is reported
+                failed.append((image, f"no DICOM SEG: {_reason(e)}"))
+                logger.error(f"{image}: no DICOM SEG, {_reason(e)}")
     if dist.is_initialized():
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (rows, failed))
