@@ -1,8 +1,11 @@
 """The V-Net port: shapes, parameter count, TorchScript, and input size checks."""
 
+import os
+
 import pytest
 import torch
 
+from conftest import BUNDLE_DIR
 from scripts.vnet import VNet
 
 
@@ -91,3 +94,23 @@ def test_input_broadcast_added_to_first_features():
     with torch.no_grad():
         net(x)
     assert torch.allclose(features["x"], x.expand(1, 16, 8, 8, 8))
+
+
+def test_cpu_bf16_follows_the_processor_unless_forced(monkeypatch):
+    from scripts import amp
+
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)
+    assert amp.cpu_bf16("auto") is False and amp.cpu_bf16("true") is True
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: True)
+    assert amp.cpu_bf16("auto") is True and amp.cpu_bf16(False) is False
+    # the configs' inferers follow the setting
+    from monai.bundle import ConfigParser
+
+    monkeypatch.chdir(BUNDLE_DIR)  # inference.yaml refers to configs/train_native.yaml from the bundle folder
+
+    for config, inferer in (("inference.yaml", "inferer"), ("train.yaml", "validate#inferer")):
+        for setting, expected in (("false", False), ("true", True)):
+            parser = ConfigParser()
+            parser.read_config(os.path.join(BUNDLE_DIR, "configs", config))
+            parser["cpu_bf16"] = setting
+            assert parser.get_parsed_content(inferer).enabled is expected, (config, setting)

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import platform
 import tempfile
 import time
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts import as_bool
+from scripts.amp import cpu_description
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,8 @@ def benchmark(
         mode: `train` (SupervisedTrainer: forward, loss, backward, optimizer step) or `predict`
             (SupervisedEvaluator: forward under no_grad, no postprocessing).
         batch_size: images per step.
-        amp: mixed precision: bf16 autocast on CPU (the config's inferer), fp16 autocast + GradScaler on CUDA.
+        amp: mixed precision: fp16 autocast + GradScaler on CUDA; on CPU bf16 autocast (the config's inferer) where
+            the processor has native bf16, fp32 elsewhere (the config's `cpu_bf16`).
         warmup_steps: steps left out of the timing.
         steps: timed steps.
         output_json: where to write the results, if given.
@@ -319,9 +320,9 @@ def benchmark(
         "batch_size": batch_size,
         "world_size": idist.get_world_size(),
         "amp": amp,
-        "precision": ("fp16" if device.type == "cuda" else "bf16") if amp else "fp32",
+        "precision": "fp16" if amp and device.type == "cuda" else "bf16" if parser.get_parsed_content("cpu_amp") else "fp32",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})",
+        else f"cpu ({cpu_description()})",
         "pipeline_img_per_s": pipeline["img_per_s"],
         "model_only_img_per_s": model_only["img_per_s"],
         "efficiency": pipeline["img_per_s"] / model_only["img_per_s"],
