@@ -115,7 +115,8 @@ class Registration:
 
 
 class TemplateRegistration:
-    """Affine registration of a head to the MNI152 2009a T1 template: similarity then affine, Mattes mutual
+    """Affine registration of a head to the MNI152 2009a T1 template: centres of mass; similarity stages from the
+    header's orientation and from the best of 27 coarse rotations, the better kept; an affine stage. Mattes mutual
     information within the template's head mask, coarse to fine (8, 4, 2 mm), fixed random sampling (deterministic).
 
     Args:
@@ -148,13 +149,29 @@ class TemplateRegistration:
         self.mask = labels > 0
         self.brain = sitk.GetArrayFromImage(labels) == 2
 
-    def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
+    def _method(self) -> sitk.ImageRegistrationMethod:
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         method.SetMetricSamplingStrategy(method.RANDOM)
         method.SetMetricSamplingPercentage(0.1, 1)
         method.SetMetricFixedMask(self.mask)
         method.SetInterpolator(sitk.sitkLinear)
+        return method
+
+    def _initial_rotation(self, rigid: sitk.Euler3DTransform, moving: sitk.Image) -> None:
+        """Sets `rigid` to the best of 27 rotations (0 and +-30 degrees about each axis) at 8 mm: gradient descent
+        alone misses heads tilted by more than about 30 degrees."""
+        method = self._method()
+        method.SetOptimizerAsExhaustive(numberOfSteps=[1, 1, 1, 0, 0, 0], stepLength=np.pi / 6)
+        method.SetOptimizerScales([1.0] * 6)
+        method.SetShrinkFactorsPerLevel([4])
+        method.SetSmoothingSigmasPerLevel([4.0])
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        method.SetInitialTransform(rigid, inPlace=True)
+        method.Execute(self.template, moving)
+
+    def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
+        method = self._method()
         method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=100,
                                                         relaxationFactor=0.5)
         method.SetOptimizerScalesFromPhysicalShift()
@@ -169,10 +186,19 @@ class TemplateRegistration:
         if self.template is None:
             self._load_template()
         moving = resample_isotropic(image, self.spacing) if min(image.GetSpacing()) < self.spacing * 0.95 else image
-        similarity = sitk.CenteredTransformInitializer(
-            self.template, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+        start = sitk.CenteredTransformInitializer(
+            self.template, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
         )
-        self._stage(similarity, moving, [4, 2], [4.0, 2.0])
+        rotated = sitk.Euler3DTransform(start)
+        self._initial_rotation(rotated, moving)
+        candidates = []
+        for rigid in (start, rotated):  # the header's orientation, and the best coarse rotation: the better one wins
+            similarity = sitk.Similarity3DTransform()
+            similarity.SetCenter(rigid.GetCenter())
+            similarity.SetMatrix(rigid.GetMatrix())
+            similarity.SetTranslation(rigid.GetTranslation())
+            candidates.append((self._stage(similarity, moving, [4, 2], [4.0, 2.0]).GetMetricValue(), similarity))
+        similarity = min(candidates, key=lambda candidate: candidate[0])[1]
         affine = sitk.AffineTransform(3)
         affine.SetCenter(similarity.GetCenter())
         affine.SetMatrix(similarity.GetMatrix())

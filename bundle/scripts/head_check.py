@@ -72,7 +72,7 @@ def make_heads(folder: str, seed: int = 0) -> dict[str, str]:
     return {name: description for name, (_, _, description) in heads.items()}
 
 
-NECK_MM = 60
+NECK_MM = 120
 TOP_KEPT_MM = 150
 
 
@@ -85,6 +85,12 @@ def make_harder_heads(folder: str, seed: int = 0) -> dict[str, str]:
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing="ij")
     bias = np.exp(0.35 * (0.8 * grids[0] + 0.5 * grids[1] - 0.7 * grids[2] + 0.4 * grids[0] * grids[2]))
     below = data[:, :, NECK_MM // 2:0:-1]
+    mask = nib.load(os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_head_mask_2mm.nii.gz"))
+    to_mask = np.linalg.inv(mask.affine) @ template.affine
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), 0).reshape(3, -1)
+    brain = ndimage.map_coordinates((np.asarray(mask.dataobj) == 2).astype(np.float32),
+                                    to_mask[:3, :3] @ grid + to_mask[:3, 3:], order=1).reshape(data.shape) > 0.5
+    brain = ndimage.binary_fill_holes(ndimage.binary_dilation(brain, iterations=2))
     neck_affine = template.affine.copy()
     neck_affine[2, 3] -= NECK_MM
     heads = {
@@ -94,11 +100,16 @@ def make_harder_heads(folder: str, seed: int = 0) -> dict[str, str]:
         "neck": (np.concatenate([below * 0.9, below * 0.8, data], 2), neck_affine, f"{NECK_MM} mm of 'neck' below"),
         "cut_top": (data[:, :, :TOP_KEPT_MM], template.affine, f"only the lowest {TOP_KEPT_MM} mm"),
         "tilted_far": (data, rigid([25, -10, 5], [40, -60, 80]) @ template.affine, "rotated 25 deg, 110 mm away"),
+        "pitched35": (data, rigid([35, 0, 0], [0, 0, 0]) @ template.affine, "nodded 35 deg"),
+        "turned40": (data, rigid([0, 0, 40], [0, 0, 0]) @ template.affine, "turned 40 deg"),
+        "skull_stripped": (data * brain, template.affine, "brain only, skull and scalp removed"),
     }
     for scale in (0.88, 1.08):
         scaled = template.affine.copy()
         scaled[:3] *= scale
         heads[f"scaled{scale}"] = (data, scaled, f"head scaled x{scale}")
+    axial = resampled(template, (0.5, 0.5, 5.0))
+    heads["axial_5mm"] = (axial.get_fdata(dtype=np.float32), axial.affine, "clinical axial, 0.5x0.5x5 mm")
     heads["noise"] = (rng.random((160, 192, 160)).astype(np.float32) * 100, np.eye(4), "noise (must fail)")
     heads["inverted"] = (255 - data, template.affine, "inverted contrast, T2-like (must fail)")
     for name, (array, affine, _) in heads.items():
@@ -112,7 +123,8 @@ def in_template_grid(mask_file: str, name: str) -> np.ndarray:
     resampled copies)."""
     mask = nib.load(mask_file)
     labels = np.asarray(mask.dataobj)
-    if name in ("template", "bias", "contrast", "tilted_far") or name.startswith(("moved", "scaled")):
+    if name in ("template", "bias", "contrast", "tilted_far", "pitched35", "turned40", "skull_stripped") or \
+            name.startswith(("moved", "scaled")):
         return labels  # the template's voxels: only the header moved them
     if name == "lps":
         return labels[::-1, ::-1]
