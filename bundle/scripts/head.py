@@ -3,7 +3,6 @@ the model segments one box per hippocampus, cut from the head and mapped back to
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -19,8 +18,6 @@ from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, 
 from scipy import ndimage
 
 from scripts.transforms import RejectInvalidImaged
-
-logger = logging.getLogger(__name__)
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # FreeSurfer's eTIV calibration for MNI305 space, where the ICBM152 2009a template also lies (Buckner et al. 2004):
@@ -241,9 +238,10 @@ class HeadSegmenter:
     """Segments both hippocampi of a whole-head scan and writes `<case>_seg.nii.gz` on the scan's own grid with
     labels 1 left anterior, 2 left posterior, 3 right anterior, 4 right posterior.
 
-    For each side, a box of `box_size` mm around `box_centers[side]` (MNI mm, RAS) is mapped into the scan through
-    the registration; the axis-aligned box that holds it is resampled to 1 mm RAS, preprocessed as the model was
-    trained (`preprocessing` without its loader), segmented, and its probabilities are mapped back to the head.
+    For each side, a box centred on the registration's image of `box_centers[side]` (MNI mm, RAS), `box_size` mm
+    scaled to the head's size, along the head's own axes (the registration's rotation), is resampled from the scan
+    at 1 mm, preprocessed as the model was trained (`preprocessing` without its loader), segmented, and its
+    probabilities are mapped back to the head's grid.
 
     Args:
         network: the segmentation network (weights loaded by the caller).
@@ -251,7 +249,7 @@ class HeadSegmenter:
         preprocessing: the recipe's deterministic preprocessing; its `LoadImaged` is skipped (boxes are in memory).
         registration: a `TemplateRegistration`.
         box_centers: `{"left": [x, y, z], "right": [x, y, z]}`, MNI mm.
-        box_size: box side lengths in MNI mm.
+        box_size: box side lengths in mm for a head of the template's size.
         output_dir: where masks are written.
         data_root_dir: the input folder, whose sub-folders the masks' folders mirror.
         device: where the network runs.
@@ -278,8 +276,9 @@ class HeadSegmenter:
         self.max_fragment_fraction = max_fragment_fraction
         self.min_box_coverage = min_box_coverage
         self.load = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
-        self.save = SaveImage(output_dir=output_dir, data_root_dir=data_root_dir, output_postfix="seg", output_ext=".nii.gz",
-                              output_dtype=np.uint8, separate_folder=False, resample=False, print_log=False)
+        self.save = SaveImage(output_dir=output_dir, data_root_dir=data_root_dir, output_postfix="seg",
+                              output_ext=".nii.gz", output_dtype=np.uint8, separate_folder=False, resample=False,
+                              print_log=False)
 
     def __call__(self, path: str) -> dict:
         """Segments one head; returns its eTIV, registration details and time split. Raises for a bad case."""
