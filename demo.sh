@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline demo on a fresh machine: sets up .venv, makes a synthetic MSD task, trains 2 epochs, segments its
-# test scans with the shipped model and prints the validation metrics of the demo model.
+# test scans and a whole head (the MNI152 template) with the shipped model, and prints the validation metrics of the
+# demo model.
 # The shipped models/model.pt is never touched: the demo writes under demo/.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,4 +16,9 @@ cd bundle
     --dataset_dir "$DEMO/Task04_Synthetic" --ckpt_dir "$DEMO/models" --output_dir "$DEMO/eval"
 ../.venv/bin/python -m monai.bundle run --config_file configs/inference.yaml \
     --dataset_dir "$DEMO/Task04_Synthetic" --output_dir "$DEMO/masks"
-echo "Demo done: masks of the shipped model in $DEMO/masks, demo metrics in $DEMO/eval/summary.json"
+# a whole head: the MNI152 template shipped for registration, segmented left and right, with a QC picture
+mkdir -p "$DEMO/heads" && cp atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz "$DEMO/heads/mni152.nii.gz"
+../.venv/bin/python -m monai.bundle run --config_file configs/inference.yaml \
+    --dataset_dir "$DEMO/heads" --output_dir "$DEMO/head_masks" --qc_png true
+echo "Demo done: masks of the shipped model and volumes.csv in $DEMO/masks and $DEMO/head_masks (QC picture in qc/),"
+echo "demo metrics in $DEMO/eval/summary.json"
