@@ -179,3 +179,20 @@ def test_case_stream_reads_cases_only_as_they_are_consumed():
     assert read == ["a"]
     assert len(list(batches)) == 2 and read == ["a", "bad", "c", "d"]
     assert stream.failures == [("bad", "ValueError: unreadable")]
+
+
+def test_inputs_skip_an_output_folder_inside_the_input_folder(tmp_path):
+    from scripts.inference import Inputs
+
+    scans = tmp_path / "scans"
+    (scans / "sub-01").mkdir(parents=True)
+    write_mask(scans / "sub-01" / "T1w.nii.gz", np.ones((4, 4, 4)))
+    out = scans / "masks"
+    (out / "sub-01").mkdir(parents=True)
+    write_mask(out / "sub-01" / "T1w_seg.nii.gz", np.ones((4, 4, 4)))  # a mask of an earlier run
+    inputs = Inputs(str(scans), str(out), recursive=True)
+    assert inputs.paths == [str(scans / "sub-01" / "T1w.nii.gz")]
+    assert inputs.mask_path(inputs.paths[0]) == str(out / "sub-01" / "T1w_seg.nii.gz")
+    assert inputs.pending() == []  # its mask exists
+    with pytest.raises(SystemExit, match="is a file"):
+        Inputs(str(scans / "sub-01" / "T1w.nii.gz"), str(out))

@@ -66,7 +66,8 @@ class Inputs:
 
     def __init__(self, dataset_dir: str, output_dir: str, recursive: bool = False) -> None:
         if not os.path.isdir(dataset_dir):
-            raise SystemExit(f"Input folder {dataset_dir} does not exist.")
+            problem = "is a file: --dataset_dir takes the folder that holds it" if os.path.isfile(dataset_dir) else "does not exist"
+            raise SystemExit(f"Input folder {dataset_dir} {problem}.")
         self.dataset_dir = dataset_dir
         msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs"))
         self.root = os.path.join(dataset_dir, "imagesTs") if msd else dataset_dir
@@ -77,8 +78,11 @@ class Inputs:
 
     def _find(self, recursive: bool) -> list[str]:
         found = []
+        output = os.path.realpath(self.output_dir)
         for folder, subfolders, files in os.walk(self.root):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            # hidden folders and the output folder (which may lie inside the input folder) hold no inputs
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
+                                   and os.path.realpath(os.path.join(folder, d)) != output)
             for name in list(subfolders):
                 path = os.path.join(folder, name)
                 if _is_dicom_series(path):
