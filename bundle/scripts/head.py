@@ -253,6 +253,7 @@ class HeadSegmenter:
         output_dir: where masks are written.
         data_root_dir: the input folder, whose sub-folders the masks' folders mirror.
         device: where the network runs.
+        amp: fp16 autocast on CUDA.
         min_side_volume_mm3: a side whose hippocampus is smaller is reported as failed (empty segmentation).
         max_fragment_fraction: a side whose pieces beyond the largest hold more of it is reported as fragmented;
             smaller pieces are removed.
@@ -262,7 +263,7 @@ class HeadSegmenter:
     def __init__(self, network: torch.nn.Module, inferer: Inferer, preprocessing: Compose,
                  registration: TemplateRegistration, box_centers: Mapping[str, Sequence[float]],
                  box_size: Sequence[float], output_dir: str, data_root_dir: str = "",
-                 device: torch.device | str = "cpu",
+                 device: torch.device | str = "cpu", amp: bool = False,
                  min_side_volume_mm3: float = 1000.0, max_fragment_fraction: float = 0.1,
                  min_box_coverage: float = 0.9) -> None:
         self.network = network
@@ -272,6 +273,7 @@ class HeadSegmenter:
         self.box_centers = {side: np.asarray(box_centers[side], dtype=np.float64) for side in SIDES}
         self.box_size = np.asarray(box_size, dtype=np.float64)
         self.device = torch.device(device)
+        self.amp = amp
         self.min_side_volume_mm3 = min_side_volume_mm3
         self.max_fragment_fraction = max_fragment_fraction
         self.min_box_coverage = min_box_coverage
@@ -343,7 +345,8 @@ class HeadSegmenter:
         array = torch.from_numpy(sitk.GetArrayFromImage(box).transpose(2, 1, 0).copy())
         data = self.box_preprocessing({"image": MetaTensor(array[None], affine=torch.eye(4),
                                                            meta={"original_channel_dim": 0})})
-        with torch.no_grad():
+        # fp16 on CUDA with `amp`, as the crop path's evaluator does (the inferer itself autocasts on CPU)
+        with torch.no_grad(), torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
             logits = self.inferer(data["image"][None].to(self.device), self.network)
         data["pred"] = torch.softmax(logits[0].float(), 0).cpu()
         probabilities = Invertd("pred", self.box_preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
