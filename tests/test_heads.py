@@ -147,3 +147,27 @@ def test_configured_box_centres_are_where_the_model_finds_the_template_hippocamp
         os.chdir(cwd)
     for side in ("left", "right"):
         np.testing.assert_allclose(found[side], configured[side], atol=0.5)
+
+
+def test_compare_scores_masks_against_a_freesurfer_style_reference(head_run, tmp_path):
+    """An aseg-like reference made from the template's own mask, stored in another voxel order: Dice 1 on both sides."""
+    import subprocess
+    import sys
+
+    from conftest import BUNDLE_DIR
+
+    _, output, _, _, _ = head_run
+    mask = nib.load(str(output / "template_seg.nii.gz"))
+    labels = np.asarray(mask.dataobj)
+    aseg = np.select([np.isin(labels, [1, 2]), np.isin(labels, [3, 4])], [17, 53], 0).astype(np.int16)
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])
+    flip[[0, 2], 3] = np.array(labels.shape)[[0, 2]] - 1
+    (tmp_path / "ref" / "template").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(aseg[::-1, :, ::-1].copy(), mask.affine @ flip), str(tmp_path / "ref" / "template" / "aseg.nii.gz"))
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.head_check", "compare", "--masks", str(output), "--reference",
+         str(tmp_path / "ref"), "--reference_suffix", "/aseg.nii.gz"],
+        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| template | 1.000 / 1.000 |" in result.stdout
+    assert "over 1 heads" in result.stdout  # the other masks have no reference

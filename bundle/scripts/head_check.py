@@ -1,10 +1,10 @@
-"""Whole-head consistency check: there are no labelled heads to score against, so this measures what can be measured,
-the agreement of the masks of moved, reoriented and resampled copies of the MNI152 template with the template's own
-mask once each change is undone, and the time of each step.
+"""Whole-head checks. There are no labelled heads here, so `check` measures what can be measured: the agreement of the
+masks of moved, reoriented, resampled and degraded copies of the MNI152 template with the template's own mask once
+each change is undone, and the time of each step. `compare` scores head masks against another tool's segmentations
+(FreeSurfer's or FastSurfer's aseg by default), for whoever has them.
 
-    python -m scripts.head_check --output_dir /tmp/head_check
-
-writes the copies and their masks under `output_dir` and prints one table row per copy.
+    python -m scripts.head_check check --output_dir /tmp/head_check
+    python -m scripts.head_check compare --masks OUT --reference REF --reference_suffix /aseg.mgz
 """
 
 from __future__ import annotations
@@ -181,11 +181,75 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
     return rows
 
 
-def _cli(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> None:
+def compare(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,),
+            right_labels=(53,)) -> list[dict]:
+    """Dice per side (whole hippocampus) and volumes of each head mask `masks/<case>_seg.nii.gz` against
+    `reference/<case><reference_suffix>`, whose `left_labels` and `right_labels` mark the hippocampi (FreeSurfer's and
+    FastSurfer's aseg: 17 and 53). The reference is resampled to the mask's grid (nearest neighbour, world space)."""
+    left_labels, right_labels = (np.atleast_1d(labels).astype(int).tolist() for labels in (left_labels, right_labels))
+    rows = []
+    for folder, _, files in sorted(os.walk(masks)):
+        for name in sorted(f for f in files if f.endswith("_seg.nii.gz")):
+            mask_file = os.path.join(folder, name)
+            case = os.path.relpath(mask_file, masks)[: -len("_seg.nii.gz")]
+            reference_file = os.path.join(reference, case + reference_suffix)
+            if not os.path.isfile(reference_file):
+                continue
+            mask, truth = nib.load(mask_file), nib.load(reference_file)
+            labels = np.asarray(mask.dataobj)
+            if labels.max() <= 2:
+                continue  # a crop's mask has no sides
+            truth_labels = np.asarray(truth.dataobj)
+            row = {"case": case}
+            for side, ours, theirs in (("left", [1, 2], left_labels), ("right", [3, 4], right_labels)):
+                inside = np.isin(truth_labels, theirs)
+                mapped = _nearest_on_grid(inside, truth.affine, mask.affine, labels.shape)
+                predicted = np.isin(labels, ours)
+                voxel = abs(np.linalg.det(mask.affine[:3, :3]))
+                row.update({f"dice_{side}": dice(predicted, mapped), f"{side}_mm3": float(predicted.sum() * voxel),
+                            f"{side}_reference_mm3": float(inside.sum() * abs(np.linalg.det(truth.affine[:3, :3])))})
+            rows.append(row)
+    print("| case | Dice left / right | volume left / right mm3 | reference left / right mm3 |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['case']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | {row['left_mm3']:.0f} / "
+              f"{row['right_mm3']:.0f} | {row['left_reference_mm3']:.0f} / {row['right_reference_mm3']:.0f} |")
+    if rows:
+        print(f"mean Dice left / right: {np.mean([r['dice_left'] for r in rows]):.3f} / "
+              f"{np.mean([r['dice_right'] for r in rows]):.3f} over {len(rows)} heads")
+    return rows
+
+
+def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, shape) -> np.ndarray:
+    """`inside` (a boolean image with `affine`) on the grid of `target_affine` and `shape`, nearest neighbour, computed
+    only in the target box that holds it."""
+    result = np.zeros(shape, dtype=bool)
+    points = np.argwhere(inside)
+    if not len(points):
+        return result
+    to_target = np.linalg.inv(target_affine) @ affine
+    corners = nib.affines.apply_affine(to_target, np.array([points.min(0), points.max(0)]))
+    start = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, shape)
+    stop = np.clip(np.ceil(corners.max(0)).astype(int) + 2, 0, shape)
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(start, stop)], indexing="ij"), -1).reshape(-1, 3)
+    source = np.rint(nib.affines.apply_affine(np.linalg.inv(to_target), grid)).astype(int)
+    valid = np.all((source >= 0) & (source < inside.shape), axis=1)
+    values = np.zeros(len(grid), dtype=bool)
+    values[valid] = inside[tuple(source[valid].T)]
+    result[tuple(slice(a, b) for a, b in zip(start, stop))] = values.reshape(*(stop - start))
+    return result
+
+
+def _check_cli(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> None:
     check(output_dir, config_file, seed)  # prints the table once (fire would echo the rows again)
+
+
+def _compare_cli(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,),
+                 right_labels=(53,)) -> None:
+    compare(masks, reference, reference_suffix, left_labels, right_labels)
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(_cli)
+    fire.Fire({"check": _check_cli, "compare": _compare_cli})
