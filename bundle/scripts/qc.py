@@ -55,6 +55,7 @@ class QualityCheck:
                        for part, label in zip(PARTS, side_labels)} if kind == "head" else {"anterior": 1, "posterior": 2})
         counts = np.bincount(labels.ravel(), minlength=5)
         volumes = {name: float(counts[label]) * voxel for name, label in structures.items()}
+        boxes = ndimage.find_objects(labels)  # each label's bounding box, where its pieces are counted (heads are large)
         reasons = []
         for name, label in structures.items():
             low, high = self.volume_range[name.split()[-1]]
@@ -63,7 +64,7 @@ class QualityCheck:
                 continue
             if not low <= volumes[name] <= high:
                 reasons.append(f"{name} {volumes[name]:.0f} mm3 outside {low:.0f}-{high:.0f}")
-            pieces = ndimage.label(labels == label, structure=np.ones((3, 3, 3)))[1]
+            pieces = ndimage.label(labels[boxes[label - 1]] == label, structure=np.ones((3, 3, 3)))[1]
             if pieces > 1:
                 reasons.append(f"{name} in {pieces} pieces")
         if confidence is not None and not confidence >= self.min_confidence:
