@@ -16,9 +16,8 @@ import fire
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from scripts.head import resample_isotropic
+from scripts.head import HEAD_LABELS, configured_segmenter, resample_isotropic
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 HEAD_MASK = "mni_icbm152_head_mask_2mm.nii.gz"
@@ -42,21 +41,12 @@ def build(nilearn_data: str, output_dir: str = "atlas", dilation_mm: float = 10.
 def centres(config_file: str = "configs/inference.yaml", template: str = f"atlas/{TEMPLATE}") -> dict:
     """Segments the template as a head with the configured model and boxes, and returns the centroid (MNI mm) of
     each side's hippocampus: the values of `head#box_centers` in configs/inference.yaml."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_file)
     with tempfile.TemporaryDirectory() as output_dir:
-        parser["output_dir"] = output_dir
-        parser["head#segmenter#data_root_dir"] = ""  # no input folder to mirror
-        network = parser.get_parsed_content("network")
-        network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
-        segmenter = parser.get_parsed_content("head#segmenter")
-        segmenter(template)
+        configured_segmenter(config_file, output_dir)(template)
         mask = nib.load(os.path.join(output_dir, TEMPLATE.replace(".nii.gz", "_seg.nii.gz")))
         labels = np.asarray(mask.dataobj)
     result = {}
-    for side, side_labels in (("left", (1, 2)), ("right", (3, 4))):
+    for side, side_labels in HEAD_LABELS.items():
         voxels = np.argwhere(np.isin(labels, side_labels))
         result[side] = np.round(nib.affines.apply_affine(mask.affine, voxels.mean(0)), 1).tolist()
     return result

@@ -394,3 +394,17 @@ class HeadSegmenter:
         side = np.where(sampled[2] > sampled[1], side_labels[1], side_labels[0]).astype(np.uint8)
         labels[region] = np.where(winner, side, labels[region])
         foreground[region] = np.where(winner, side_foreground, foreground[region])
+
+
+def configured_segmenter(config_file: str, output_dir: str) -> HeadSegmenter:
+    """The head segmenter of an inference config, with its weights loaded, writing to `output_dir` (no input folder
+    to mirror): for the commands that segment heads outside a bundle run (`scripts.atlas`, `scripts.head_check`)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser["output_dir"] = output_dir
+    parser["head#segmenter#data_root_dir"] = ""
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
+    return parser.get_parsed_content("head#segmenter")

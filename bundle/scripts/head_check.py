@@ -14,12 +14,13 @@ import time
 
 import nibabel as nib
 import numpy as np
-import torch
 from scipy import ndimage
+
+from scripts.head import HEAD_LABELS, configured_segmenter
+from scripts.qc import dice
 
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-SIDE_LABELS = {"left": [1, 2], "right": [3, 4]}
 
 
 def rigid(angles_deg, translation) -> np.ndarray:
@@ -139,24 +140,12 @@ def in_template_grid(mask_file: str, name: str) -> np.ndarray:
     return ndimage.map_coordinates(labels, points, order=0, mode="constant").reshape(template.shape)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
-
-
 def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> list[dict]:
     """Segments the template and its copies with the configured head segmenter; prints and returns one row each."""
-    from monai.bundle import ConfigParser
-
     inputs, masks = os.path.join(output_dir, "heads"), os.path.join(output_dir, "masks")
     descriptions = make_heads(inputs, seed)
     descriptions.update(make_harder_heads(inputs, seed))
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    parser["output_dir"] = masks
-    parser["head#segmenter#data_root_dir"] = ""  # no input folder to mirror
-    network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
-    segmenter = parser.get_parsed_content("head#segmenter")
+    segmenter = configured_segmenter(config_file, masks)
     rows = []
     for name, description in descriptions.items():
         start = time.perf_counter()
@@ -173,7 +162,7 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
             print(f"| {row['name']} | {row['change']} | failed: {row['failed']} | | | {row['total_s']:.2f} |")
             continue
         labels = in_template_grid(os.path.join(masks, f"{row['name']}_seg.nii.gz"), row["name"])
-        for side, side_labels in SIDE_LABELS.items():
+        for side, side_labels in HEAD_LABELS.items():
             row[f"dice_{side}"] = dice(np.isin(labels, side_labels), np.isin(reference, side_labels))
         steps = " / ".join(f"{row[k]:.2f}" for k in ("read_s", "registration_s", "segmentation_s", "writing_s"))
         print(f"| {row['name']} | {row['change']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "

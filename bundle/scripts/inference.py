@@ -97,13 +97,14 @@ class Inputs:
         """The input's path relative to `dataset_dir`: the `case` column of `volumes.csv`."""
         return os.path.relpath(path, self.dataset_dir)
 
+    def _relative_folder(self, path: str) -> str:
+        return os.path.dirname(os.path.relpath(path, self.root))
+
     def mask_path(self, path: str) -> str:
-        relative = os.path.dirname(os.path.relpath(path, self.root))
-        return os.path.join(self.output_dir, relative, f"{case_name(path)}_seg.nii.gz")
+        return os.path.join(self.output_dir, self._relative_folder(path), f"{case_name(path)}_seg.nii.gz")
 
     def qc_png_path(self, path: str) -> str:
-        relative = os.path.dirname(os.path.relpath(path, self.root))
-        return os.path.join(self.output_dir, "qc", relative, f"{case_name(path)}.png")
+        return os.path.join(self.output_dir, "qc", self._relative_folder(path), f"{case_name(path)}.png")
 
     def pending(self, overwrite: bool = False) -> list[dict[str, str]]:
         """Inputs still to segment: those whose mask exists are skipped (and logged) unless `overwrite`."""

@@ -168,7 +168,7 @@ def reference(dataset_dir: str) -> dict:
     return ranges
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
@@ -202,7 +202,7 @@ def evaluate(dataset_dir: str, split: str = "validation", output_dir: str = "eva
         row = rows[name]
         results.append({
             "case": name, "qc": row["qc"], "reasons": row["qc_reasons"], "confidence": float(row["confidence"]),
-            **{f"dice_{part}": _dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)},
+            **{f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)},
             **{f"{part}_true": float((truth == i).sum()) * voxel for i, part in enumerate(PARTS, start=1)},
             **{f"{part}_pred": float(row[f"{part}_mm3"]) for part in PARTS},
         })
