@@ -13,7 +13,7 @@ import pytest
 from ignite.engine import Engine
 
 from conftest import BUNDLE_DIR
-from scripts.benchmark import ThroughputLogger
+from scripts.handlers import ThroughputLogger
 
 COMMON_KEYS = {
     "mode", "batch_size", "amp", "device", "pipeline_img_per_s", "model_only_img_per_s", "efficiency",
@@ -79,13 +79,13 @@ def _engine(sleep_s: float = 0.003) -> Engine:
 
 
 def test_throughput_logger_logs_only_after_warmup(caplog):
-    caplog.set_level(logging.INFO, logger="scripts.benchmark")
+    caplog.set_level(logging.INFO, logger="scripts.handlers")
     engine = _engine()
     timer = ThroughputLogger(batch_size=4, warmup_steps=4)
     timer.attach(engine)
     engine.run(range(3), max_epochs=3)  # iterations 1-4 are warm-up: none in epoch 1, 2 in epoch 2, 3 in epoch 3
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "scripts.benchmark"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "scripts.handlers"]
     assert not any("epoch 1:" in line for line in lines)
     counted = {what: int(n) for what, n in (re.search(r"Throughput (epoch \d|run): .* over (\d+) steps", line).groups()
                                             for line in lines)}
@@ -100,12 +100,12 @@ def test_throughput_logger_logs_only_after_warmup(caplog):
 
 
 def test_throughput_logger_silent_during_warmup(caplog):
-    caplog.set_level(logging.INFO, logger="scripts.benchmark")
+    caplog.set_level(logging.INFO, logger="scripts.handlers")
     engine = _engine()
     timer = ThroughputLogger(batch_size=2, warmup_steps=10)
     timer.attach(engine)
     engine.run(range(2), max_epochs=2)
-    assert not [r for r in caplog.records if r.name == "scripts.benchmark"]
+    assert not [r for r in caplog.records if r.name == "scripts.handlers"]
     assert timer.summary() == {"steps": 0} and math.isnan(timer.images_per_second())
 
 
@@ -113,7 +113,7 @@ def test_throughput_logger_from_config():
     """The lead wires it into train.yaml as a handler: it must build from a plain config entry."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser({"batch_size": 8, "handler": {"_target_": "scripts.benchmark.ThroughputLogger",
+    parser = ConfigParser({"batch_size": 8, "handler": {"_target_": "scripts.handlers.ThroughputLogger",
                                                         "batch_size": "@batch_size"}})
     handler = parser.get_parsed_content("handler")
     assert isinstance(handler, ThroughputLogger) and handler.batch_size == 8 and handler.warmup_steps == 10

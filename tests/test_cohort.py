@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_DIR
+from scripts import BundleError
 from dicom_series import write_dicom_series
 from test_inference import run_inference
 
@@ -194,5 +195,5 @@ def test_inputs_skip_an_output_folder_inside_the_input_folder(tmp_path):
     assert inputs.paths == [str(scans / "sub-01" / "T1w.nii.gz")]
     assert inputs.mask_path(inputs.paths[0]) == str(out / "sub-01" / "T1w_seg.nii.gz")
     assert inputs.pending() == []  # its mask exists
-    with pytest.raises(SystemExit, match="is a file"):
+    with pytest.raises(BundleError, match="is a file"):
         Inputs(str(scans / "sub-01" / "T1w.nii.gz"), str(out))

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from conftest import BUNDLE_DIR
 from scripts.handlers import CaseMetricsReport
+from scripts.recipe import load
 
 EXPORT_ARGS = ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
                "--config_file", "configs/inference.yaml"]
@@ -30,14 +30,7 @@ def bundle_command(*args):
 @pytest.fixture(scope="module")
 def shipped_network():
     """The network that configs/inference.yaml builds, with the shipped weights."""
-    cwd = os.getcwd()
-    os.chdir(BUNDLE_DIR)  # the config's macros name files relative to the bundle folder
-    try:
-        parser = ConfigParser()
-        parser.read_config("configs/inference.yaml")
-        net = parser.get_parsed_content("network_def").eval()
-    finally:
-        os.chdir(cwd)
+    net = load(BUNDLE_DIR, ["configs/inference.yaml"]).get_parsed_content("network_def").eval()
     net.load_state_dict(torch.load(os.path.join(BUNDLE_DIR, "models", "model.pt"), weights_only=True))
     return net
 
@@ -87,7 +80,7 @@ def test_case_metrics_for_a_perfect_prediction(tmp_path):
     label[12:16, 6:18, 4:10] = 2
     affine = torch.diag(torch.tensor([0.8, 1.0, 1.5, 1.0]))
     label_meta = MetaTensor(_one_hot(label), affine=affine, meta={"filename_or_obj": "/data/case_7.nii.gz"})
-    item = {"pred": label_meta.clone(), "label": label_meta, "resized_pred": _one_hot(label),
+    item = {"pred": label_meta.clone(), "label": label_meta, "resized_pred": 100 * _one_hot(label),  # logits
             "resized_label": label[None]}
     report = CaseMetricsReport(str(tmp_path), ["background", "anterior", "posterior"])
     engine = SimpleNamespace(state=SimpleNamespace(output=[item]))
@@ -100,7 +93,7 @@ def test_case_metrics_for_a_perfect_prediction(tmp_path):
         assert float(row[f"dice_{name}"]) == pytest.approx(1.0)
         assert float(row[f"hd95_{name}"]) == pytest.approx(0.0)
         assert float(row[f"nsd_{name}"]) == pytest.approx(1.0)
-        assert float(row[f"seed_soft_dice_{name}"]) == pytest.approx(1.0)
+        assert float(row[f"tf_soft_dice_{name}"]) == pytest.approx(1.0)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 1 and summary["dice_anterior"]["mean"] == pytest.approx(1.0)
 
@@ -130,5 +123,5 @@ def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {"dice_anterior", "hd95_posterior", "nsd_anterior"} <= set(rows[0])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["num_cases"] == 12 and "seed_soft_dice_posterior" in summary
+    assert summary["num_cases"] == 12 and "tf_soft_dice_posterior" in summary
     assert "Evaluation of 12 cases" in log

@@ -81,7 +81,8 @@ def test_zip_layout_and_no_junk(release):
     rel = {n[len(NAME) + 1:] for n in names if not n.endswith("/")}
 
     required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
-                "models/model.pt", "scripts/vnet.py", "scripts/__init__.py", "LICENSE", "atlas/NOTICE.txt",
+                "models/model.pt", "models/model_tf.pt", "large_files.yml", "scripts/vnet.py", "scripts/__init__.py",
+                "LICENSE", "atlas/NOTICE.txt",
                 "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_head_mask_2mm.nii.gz"}
     if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):
         required.add("docs/README.md")
@@ -96,7 +97,7 @@ def test_zip_layout_and_no_junk(release):
         assert not path.endswith(".pyc") and "tfevents" not in path, path
         top = parts[0]
         if top == "models":
-            assert path in {"models/model.pt", "models/model.ts", "models/large_files.yml"}, path
+            assert path in {"models/model.pt", "models/model_tf.pt", "models/model.ts"}, path
         elif top == "docs":
             assert path.lower().endswith((".md", ".txt", ".png")), path
         elif top == "scripts":
@@ -104,7 +105,7 @@ def test_zip_layout_and_no_junk(release):
         elif top == "atlas":
             assert path.endswith((".nii.gz", ".txt")), path
         else:
-            assert top == "configs" or path == "LICENSE", path
+            assert top == "configs" or path in ("LICENSE", "large_files.yml"), path
 
 
 def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
@@ -168,3 +169,25 @@ def test_download_from_github_release_name(release, tmp_path, monkeypatch):
     assert (tmp_path / NAME / "configs" / "inference.yaml").is_file()
     packaged_model = zip_path.parent.parent / "bundle" / "models" / "model.pt"  # the copy the zip was built from
     assert (tmp_path / NAME / "models" / "model.pt").read_bytes() == packaged_model.read_bytes()
+
+
+def test_large_files_lists_each_weight_file_with_its_sha256(tmp_path):
+    """The committed large_files.yml matches the committed weights, and MONAI's own check agrees."""
+    import yaml
+
+    from scripts.package import MODEL_FILES, sha256
+
+    with open(os.path.join(BUNDLE_DIR, "large_files.yml")) as f:
+        listed = {entry["path"]: entry for entry in yaml.safe_load(f)["large_files"]}
+    assert set(listed) == {f"models/{name}" for name in MODEL_FILES}
+    for path, entry in listed.items():
+        assert entry["hash_type"] == "sha256" and entry["hash_val"] == sha256(os.path.join(BUNDLE_DIR, path)), path
+    check = [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", BUNDLE_DIR]
+    result = subprocess.run(check, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "skipped downloading" in result.stdout + result.stderr, result.stderr[-2000:]
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(BUNDLE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "atlas", "docs"))
+    (copy / "models" / "model_tf.pt").write_bytes(b"changed")
+    result = subprocess.run(check[:-1] + [str(copy)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "model_tf.pt" in result.stdout + result.stderr

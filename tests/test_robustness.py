@@ -16,7 +16,7 @@ TRAIN = ["training", "--config_file", "configs/train.yaml"]
 
 
 def load_weights(bundle):
-    return torch.load(os.path.join(bundle, "models", "model.pt"), map_location="cpu", weights_only=True)
+    return torch.load(os.path.join(bundle, "models", "model_tf.pt"), map_location="cpu", weights_only=True)
 
 
 def test_same_seed_gives_bitwise_identical_weights(synthetic_task, tmp_path):
@@ -97,6 +97,6 @@ def test_bad_dataset_refuses_to_train_unless_skipped(synthetic_task, tmp_path):
         cwd=bundle, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0 and broken.name in result.stderr and "Traceback" not in result.stderr
-    assert not os.path.exists(os.path.join(bundle, "models", "model.pt"))
+    assert not os.path.exists(os.path.join(bundle, "models", "model_tf.pt"))
     log = run_bundle(bundle, *TRAIN, "--dataset_dir", str(task), "--epochs", "1", "--skip_bad_cases", "true")
-    assert broken.name in log and os.path.exists(os.path.join(bundle, "models", "model.pt"))
+    assert broken.name in log and os.path.exists(os.path.join(bundle, "models", "model_tf.pt"))

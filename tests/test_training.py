@@ -40,7 +40,7 @@ def trained_bundle(synthetic_task, tmp_path_factory):
 
 def test_training_writes_loadable_best_weights(trained_bundle):
     bundle, _ = trained_bundle
-    state = torch.load(os.path.join(bundle, "models", "model.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(bundle, "models", "model_tf.pt"), map_location="cpu", weights_only=True)
     VNet().load_state_dict(state)  # a plain state_dict of the configured network
 
 

@@ -4,9 +4,42 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import IO
+
+
+class BundleError(Exception):
+    """A problem with the user's input (a file, a folder, a flag) that the message explains in full.
+
+    It is an ordinary exception for a host that runs the workflow in its own process (MONAI Label, MONAI Deploy);
+    on the command line, where MONAI wraps it in `Failed to evaluate ...` errors, `python -m monai.bundle` prints
+    only its message and exits with status 1.
+    """
+
+
+def find_bundle_error(error: BaseException | None) -> BundleError | None:
+    """The BundleError that caused `error` (MONAI wraps errors of configs in its own), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BundleError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _print_bundle_errors(kind: type, error: BaseException, traceback) -> None:
+    cause = find_bundle_error(error)
+    if cause is None:
+        _default_excepthook(kind, error, traceback)
+    else:
+        print(f"error: {cause}", file=sys.stderr)
+
+
+_default_excepthook = sys.excepthook
+sys.excepthook = _print_bundle_errors
 
 
 def as_bool(value: object) -> bool:

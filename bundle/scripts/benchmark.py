@@ -23,12 +23,12 @@ import time
 from typing import Any
 
 import ignite.distributed as idist
-import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from scripts import as_bool
 from scripts.amp import cpu_description
+from scripts.handlers import ThroughputLogger
 
 logger = logging.getLogger(__name__)
 
@@ -36,109 +36,10 @@ BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("train", "predict")
 
 
-def _cuda_in_use() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
+def _parser(config_files: str | list[str], overrides: dict[str, Any]):
+    from scripts.recipe import load
 
-
-class ThroughputLogger:
-    """Logs training or inference throughput (img/s) at each EPOCH_COMPLETED and at COMPLETED.
-
-    A step's time is the wall time between consecutive ITERATION_COMPLETED events, so it includes the
-    dataloader fetch; the first step of an epoch is timed from EPOCH_STARTED (so epoch-end work such as
-    validation is not counted). The first `warmup_steps` iterations of the run are not counted.
-    img/s = batch_size * world_size / mean step time. On CUDA the device is synchronized before each reading.
-
-    Args:
-        batch_size: images per step on each process (the dataloader's batch size).
-        warmup_steps: iterations (of the whole run) left out of the timing.
-    """
-
-    def __init__(self, batch_size: int, warmup_steps: int = 10) -> None:
-        if int(batch_size) < 1 or int(warmup_steps) < 0:
-            raise ValueError(f"need batch_size >= 1 and warmup_steps >= 0, got {batch_size}, {warmup_steps}.")
-        self.batch_size = int(batch_size)
-        self.warmup_steps = int(warmup_steps)
-        self.step_times: list[float] = []  # seconds, every counted step of the run
-        self._epoch_start = 0  # index into step_times of this epoch's first counted step
-        self._last: float | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
-        engine.add_event_handler(Events.COMPLETED, self._completed)
-
-    @staticmethod
-    def _now() -> float:
-        if _cuda_in_use():
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _reset(self, engine: Engine) -> None:
-        self.step_times.clear()
-        self._epoch_start = 0
-        self._last = None
-
-    def _epoch_started(self, engine: Engine) -> None:
-        self._epoch_start = len(self.step_times)
-        self._last = self._now()
-
-    def _iteration_completed(self, engine: Engine) -> None:
-        now = self._now()
-        if self._last is not None and engine.state.iteration > self.warmup_steps:
-            self.step_times.append(now - self._last)
-        self._last = now
-
-    def images_per_second(self, step_times: list[float] | None = None) -> float:
-        """batch_size * world_size / mean step time of `step_times` (default: all counted steps); nan if none."""
-        times = self.step_times if step_times is None else step_times
-        if not times:
-            return float("nan")
-        return self.batch_size * idist.get_world_size() / (sum(times) / len(times))
-
-    def summary(self) -> dict[str, float]:
-        """Counted steps, mean step time, img/s and step-time percentiles (ms) over the whole run."""
-        times = np.asarray(self.step_times, dtype=np.float64) * 1000.0
-        if not len(times):
-            return {"steps": 0}
-        p50, p90, p99 = np.percentile(times, [50, 90, 99]).tolist()
-        return {
-            "steps": len(times),
-            "ms_per_step": float(times.mean()),
-            "img_per_s": self.images_per_second(),
-            "latency_ms_p50": p50,
-            "latency_ms_p90": p90,
-            "latency_ms_p99": p99,
-        }
-
-    def _log(self, what: str, times: list[float]) -> None:
-        if times:
-            mean_ms = 1000.0 * sum(times) / len(times)
-            logger.info(
-                f"Throughput {what}: {self.images_per_second(times):.2f} img/s ({mean_ms:.1f} ms/step over "
-                f"{len(times)} steps, batch {self.batch_size} x {idist.get_world_size()} process(es))"
-            )
-
-    def _epoch_completed(self, engine: Engine) -> None:
-        self._log(f"epoch {engine.state.epoch}", self.step_times[self._epoch_start :])
-
-    def _completed(self, engine: Engine) -> None:
-        self._log("run", self.step_times)
-
-
-# ---------------------------------------------------------------------------------------------- benchmark
-
-
-def _parser(config_file: str, overrides: dict[str, Any]):
-    from monai.bundle import ConfigParser
-
-    path = config_file if os.path.isabs(config_file) else os.path.join(BUNDLE_DIR, config_file)
-    parser = ConfigParser()
-    parser.read_config(path)
-    parser["bundle_root"] = BUNDLE_DIR
-    parser.update(overrides)
-    return parser
+    return load(BUNDLE_DIR, [config_files] if isinstance(config_files, str) else list(config_files), overrides)
 
 
 def _synthetic_task(work_dir: str, batch_size: int, total_steps: int, train_split: float) -> str:
@@ -174,7 +75,7 @@ def _pipeline(mode: str, parser, batch_size: int, warmup_steps: int, total_steps
         images = [{"image": case["image"]} for case in load_training_list(parser.get_parsed_content("dataset_dir"))]
         # every scan is preprocessed once, before the model loop, so that the loop times the engine (and this apart)
         start = time.perf_counter()
-        preprocessing = parser.get_parsed_content("validate#preprocessing")
+        preprocessing = parser.get_parsed_content("preprocessing")
         preprocessed = [preprocessing(dict(image)) for image in images]
         preprocess_ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
         needed = batch_size * total_steps
@@ -195,7 +96,7 @@ def _model_only(mode: str, parser, batch_size: int, warmup_steps: int, total_ste
     device = parser.get_parsed_content("device")
     network = parser.get_parsed_content("network")  # `network_def` on the device; `parser` is a fresh one
     inferer = parser.get_parsed_content("inferer")  # bf16 autocast on CPU when amp
-    cuda_amp = device.type == "cuda" and as_bool(parser.get_parsed_content("amp"))
+    cuda_amp = parser.get_parsed_content("flags#cuda_amp")
     shape = [batch_size, 1, *parser.get_parsed_content("input_shape")]
     # fp16 on CUDA as the MONAI engines' `amp`; on the CPU the inferer itself autocasts to bf16
     autocast = (lambda: torch.autocast("cuda")) if cuda_amp else contextlib.nullcontext
@@ -253,6 +154,63 @@ def _print_table(result: dict[str, Any]) -> None:
               "p99 {latency_ms_p99:.1f}".format(**result))
 
 
+def _overrides(work_dir: str, batch_size: int, amp: bool, num_workers: int | None) -> dict[str, Any]:
+    """The run's settings, with every output in `work_dir`: nothing is written into the bundle."""
+    overrides: dict[str, Any] = {"batch_size": batch_size, "amp": amp, "output_dir": os.path.join(work_dir, "output"),
+                                 "ckpt_dir": os.path.join(work_dir, "models")}
+    if num_workers is not None:
+        overrides["num_workers"] = int(num_workers)
+    return overrides
+
+
+def _dataset(parser, dataset_dir: str | None, work_dir: str, batch_size: int, total_steps: int) -> str:
+    """Points `parser` at `dataset_dir`, or at a synthetic task made in `work_dir`; returns the dataset's name."""
+    if dataset_dir is None:
+        parser["dataset_dir"] = _synthetic_task(work_dir, batch_size, total_steps, float(parser["train_split"]))
+        return "synthetic"
+    parser["dataset_dir"] = os.path.abspath(os.path.expanduser(str(dataset_dir)))
+    return parser["dataset_dir"]
+
+
+def _result(mode: str, parser, pipeline: dict[str, float], model_only: dict[str, float], **settings: Any) -> dict[str, Any]:
+    """One record of the run: img/s of both loops, their efficiency, the device, precision and software."""
+    import monai
+
+    device = parser.get_parsed_content("device")
+    cuda_amp, cpu_amp = parser.get_parsed_content("flags#cuda_amp"), parser.get_parsed_content("flags#cpu_amp")
+    load_average = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result: dict[str, Any] = {
+        "mode": mode,
+        **settings,
+        "world_size": idist.get_world_size(),
+        "precision": "fp16" if cuda_amp else "bf16" if cpu_amp and device.type == "cpu" else "fp32",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_description()})",
+        "pipeline_img_per_s": pipeline["img_per_s"],
+        "model_only_img_per_s": model_only["img_per_s"],
+        "efficiency": pipeline["img_per_s"] / model_only["img_per_s"],
+        "pipeline_ms_per_step": pipeline["ms_per_step"],
+        "model_only_ms_per_step": model_only["ms_per_step"],
+        # medians resist outlier steps (e.g. another process on the machine)
+        "pipeline_ms_per_step_p50": pipeline["latency_ms_p50"],
+        "model_only_ms_per_step_p50": model_only["latency_ms_p50"],
+        "efficiency_p50": model_only["latency_ms_p50"] / pipeline["latency_ms_p50"],
+        "num_workers": int(parser.get_parsed_content("num_workers")),
+        "input_shape": list(parser.get_parsed_content("input_shape")),
+        "torch_version": torch.__version__,
+        "monai_version": monai.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_after": list(load_average) if load_average else None,
+    }
+    if mode == "predict":
+        for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99"):
+            result[key] = pipeline[key]
+            result[f"model_only_{key}"] = model_only[key]
+        result["preprocess_ms_per_image"] = pipeline["preprocess_ms_per_image"]
+    return result
+
+
 def benchmark(
     mode: str = "train",
     batch_size: int = 8,
@@ -261,7 +219,7 @@ def benchmark(
     steps: int = 40,
     output_json: str | None = None,
     dataset_dir: str | None = None,
-    config_file: str = "configs/train.yaml",
+    config_file: str | list[str] = "configs/train.yaml",
     num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Times `steps` steps (after `warmup_steps`) of the full pipeline and of the model alone; returns the results.
@@ -276,11 +234,10 @@ def benchmark(
         steps: timed steps.
         output_json: where to write the results, if given.
         dataset_dir: an MSD task folder; without it a synthetic one is made in a temporary folder.
-        config_file: the training config, relative to the bundle folder unless absolute.
+        config_file: the recipe's training config(s), relative to the bundle folder, e.g.
+            "['configs/train.yaml','configs/train_native.yaml']".
         num_workers: dataloader workers (default: the config's).
     """
-    import monai
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -289,67 +246,17 @@ def benchmark(
         raise ValueError("need batch_size >= 1, warmup_steps >= 0 and steps >= 1.")
     amp = as_bool(amp)
     total_steps = warmup_steps + steps
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-
     with tempfile.TemporaryDirectory(prefix="vnet_benchmark_") as work_dir:
-        overrides: dict[str, Any] = {
-            "batch_size": batch_size,
-            "amp": amp,
-            "output_dir": os.path.join(work_dir, "output"),
-            "ckpt_dir": os.path.join(work_dir, "models"),
-        }
-        if num_workers is not None:
-            overrides["num_workers"] = int(num_workers)
+        overrides = _overrides(work_dir, batch_size, amp, num_workers)
         parser = _parser(config_file, overrides)
-        if dataset_dir is None:
-            train_split = float(parser.get_parsed_content("train_split"))
-            dataset_dir = _synthetic_task(work_dir, batch_size, total_steps, train_split)
-            dataset_name = "synthetic"
-        else:
-            dataset_dir = os.path.abspath(os.path.expanduser(str(dataset_dir)))
-            dataset_name = dataset_dir
-        parser["dataset_dir"] = dataset_dir
+        dataset = _dataset(parser, dataset_dir, work_dir, batch_size, total_steps)
+        import monai
 
         monai.utils.set_determinism(seed=parser.get_parsed_content("seed"))  # as the training's `initialize`
         pipeline = _pipeline(mode, parser, batch_size, warmup_steps, total_steps)
         model_only = _model_only(mode, _parser(config_file, overrides), batch_size, warmup_steps, total_steps)
-        device = parser.get_parsed_content("device")
-
-    result: dict[str, Any] = {
-        "mode": mode,
-        "batch_size": batch_size,
-        "world_size": idist.get_world_size(),
-        "amp": amp,
-        "precision": "fp16" if amp and device.type == "cuda" else "bf16" if parser.get_parsed_content("cpu_amp") else "fp32",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({cpu_description()})",
-        "pipeline_img_per_s": pipeline["img_per_s"],
-        "model_only_img_per_s": model_only["img_per_s"],
-        "efficiency": pipeline["img_per_s"] / model_only["img_per_s"],
-        "pipeline_ms_per_step": pipeline["ms_per_step"],
-        "model_only_ms_per_step": model_only["ms_per_step"],
-        # medians resist outlier steps (e.g. another process on the machine)
-        "pipeline_ms_per_step_p50": pipeline["latency_ms_p50"],
-        "model_only_ms_per_step_p50": model_only["latency_ms_p50"],
-        "efficiency_p50": model_only["latency_ms_p50"] / pipeline["latency_ms_p50"],
-        "warmup_steps": warmup_steps,
-        "steps": steps,
-        "num_workers": int(parser.get_parsed_content("num_workers")),
-        "input_shape": list(parser.get_parsed_content("input_shape")),
-        "dataset": dataset_name,
-        "config_file": config_file,
-        "torch_version": torch.__version__,
-        "monai_version": monai.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_before": list(load_before) if load_before else None,
-    }
-    if mode == "predict":
-        for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99"):
-            result[key] = pipeline[key]
-            result[f"model_only_{key}"] = model_only[key]
-        result["preprocess_ms_per_image"] = pipeline["preprocess_ms_per_image"]
+    result = _result(mode, parser, pipeline, model_only, batch_size=batch_size, amp=amp, warmup_steps=warmup_steps,
+                     steps=steps, dataset=dataset, config_file=config_file)
     _print_table(result)
     if output_json:
         os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)

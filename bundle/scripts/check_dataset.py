@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import nibabel as nib
 import numpy as np
 
-from scripts import as_bool
+from scripts import BundleError, as_bool
 from scripts.data import load_training_list
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def dataset_cases(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
     try:
         return check_dataset(dataset_dir, skip_bad_cases)
     except (BadDatasetError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
+        raise BundleError(str(e)) from None
 
 
 def main(dataset_dir: str) -> None:

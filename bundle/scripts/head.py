@@ -399,12 +399,9 @@ class HeadSegmenter:
 def configured_segmenter(config_file: str, output_dir: str) -> HeadSegmenter:
     """The head segmenter of an inference config, with its weights loaded, writing to `output_dir` (no input folder
     to mirror): for the commands that segment heads outside a bundle run (`scripts.atlas`, `scripts.head_check`)."""
-    from monai.bundle import ConfigParser
+    from scripts.recipe import load
 
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    parser["output_dir"] = output_dir
-    parser["head#segmenter#data_root_dir"] = ""
-    network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_file"), map_location="cpu"))
+    bundle_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser = load(bundle_root, [config_file], {"output_dir": output_dir, "head#segmenter#data_root_dir": ""})
+    parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
     return parser.get_parsed_content("head#segmenter")

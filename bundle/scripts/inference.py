@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch.distributed as dist
 from monai.data import DataLoader, Dataset, list_data_collate
-from monai.handlers import CheckpointLoader
 from monai.utils import look_up_option
 
+from scripts import BundleError
 from scripts.head import input_kind
 from scripts.qc import QualityCheck, draw_qc_png, write_volumes
 
@@ -50,7 +50,7 @@ def check_output_dir(output_dir: str) -> str:
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as e:
-        raise SystemExit(f"Output folder {output_dir} is not writable: {e.strerror or e}.") from None
+        raise BundleError(f"Output folder {output_dir} is not writable: {e.strerror or e}.") from None
     return output_dir
 
 
@@ -67,14 +67,14 @@ class Inputs:
     def __init__(self, dataset_dir: str, output_dir: str, recursive: bool = False) -> None:
         if not os.path.isdir(dataset_dir):
             problem = "is a file: --dataset_dir takes the folder that holds it" if os.path.isfile(dataset_dir) else "does not exist"
-            raise SystemExit(f"Input folder {dataset_dir} {problem}.")
+            raise BundleError(f"Input folder {dataset_dir} {problem}.")
         self.dataset_dir = dataset_dir
         msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs"))
         self.root = os.path.join(dataset_dir, "imagesTs") if msd else dataset_dir
         self.output_dir = check_output_dir(output_dir)
         self.paths = self._find(recursive)
         if not self.paths:
-            raise SystemExit(f"No NIfTI files or DICOM series to segment in {self.root}.")
+            raise BundleError(f"No NIfTI files or DICOM series to segment in {self.root}.")
 
     def _find(self, recursive: bool) -> list[str]:
         found = []
@@ -115,13 +115,6 @@ class Inputs:
                 continue
             cases.append({"image": path})
         return cases
-
-
-def shard(cases: Sequence[dict]) -> list[dict]:
-    """This process's share of `cases` (every case once across the processes of a distributed run)."""
-    if not dist.is_initialized():
-        return list(cases)
-    return list(cases[dist.get_rank():: dist.get_world_size()])
 
 
 def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[dict]]:
@@ -234,22 +227,12 @@ class ConfidenceRecorder:
         return data
 
 
-def run(evaluator, crops: CaseStream, ckpt_file: str, heads: HeadCases, handlers: Sequence = ()) -> None:
-    """Segments the crops through `evaluator`, then the heads; weights that do not fit the network end the run
-    naming the mismatched keys. `handlers`' checkpoint loaders load the weights when no crop ran."""
-    try:
-        if crops.cases:
-            evaluator.run()
-        if heads.cases:
-            if not crops.cases:
-                for handler in handlers:
-                    if isinstance(handler, CheckpointLoader):
-                        handler(evaluator)
-            heads.run()
-    except RuntimeError as e:
-        if "Error(s) in loading state_dict" not in str(e):
-            raise
-        raise SystemExit(f"{ckpt_file} does not fit the configured network: {e}") from None
+def run(evaluator, crops: CaseStream, heads: HeadCases) -> None:
+    """Segments the crops through `evaluator`, then the heads (the evaluator's loader has loaded the weights)."""
+    if crops.cases:
+        evaluator.run()
+    if heads.cases:
+        heads.run()
 
 
 def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: ConfidenceRecorder, quality: QualityCheck,
@@ -287,7 +270,7 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
         failed = [failure for _, part in gathered for failure in part]
         if dist.get_rank() != 0:
             if failed:
-                raise SystemExit(1)
+                raise BundleError(f"{len(failed)} case(s) failed; rank 0 lists them.")
             return
     write_volumes(inputs, rows, quality)
     flagged = sum(row["qc"] == "review" for row in rows)
@@ -295,5 +278,5 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
                 f"in volumes.csv, output in {inputs.output_dir}.")
     if failed:
         lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
-        raise SystemExit(f"{len(failed)} case(s) failed:\n{lines}")
+        raise BundleError(f"{len(failed)} case(s) failed:\n{lines}")
 

@@ -6,7 +6,8 @@ top-level folder named after the bundle (for `--source github` the asset must al
 checkpoints and hidden files, so this script copies only an allow-list:
 
     <name>/configs/   every config file
-    <name>/models/    model.pt, model.ts and large_files.yml/.yaml/.json (no other checkpoints)
+    <name>/models/    model.pt, model_tf.pt and model.ts (no other checkpoints)
+    <name>/large_files.yml   each weight file with its SHA-256, as model-zoo bundles list them (written here)
     <name>/docs/      .md, .txt and .png files
     <name>/atlas/     the MNI152 template files whole-head inference registers to (.nii.gz) and their notice (.txt)
     <name>/scripts/   .py files
@@ -19,24 +20,31 @@ Run from the bundle folder (the bundle is located from this file, so any working
 
     python -m scripts.package --output_dir dist
 
-which writes and prints `dist/<name>_v<version>.zip`, the version being configs/metadata.json's "version".
+which writes `large_files.yml`, then writes and prints `dist/<name>_v<version>.zip`, the version being
+configs/metadata.json's "version". `python -m monai.bundle download_large_files --bundle_path .` checks the hashes.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
-import tempfile
+import sys
 import zipfile
 
 BUNDLE_NAME = "vnet_hippocampus_segmentation"
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run by its file path: the bundle's scripts package is not on sys.path yet
+    sys.path.insert(0, BUNDLE_DIR)
 
-MODEL_FILES = ("model.pt", "model.ts", "large_files.yml", "large_files.yaml", "large_files.json")
+from scripts import atomic_write  # noqa: E402
+
+MODEL_FILES = ("model.pt", "model_tf.pt", "model.ts")
+LARGE_FILES = "large_files.yml"
 DOCS_SUFFIXES = (".md", ".txt", ".png")
 ATLAS_SUFFIXES = (".nii.gz", ".txt")
-REQUIRED = ("configs/metadata.json", "models/model.pt", "LICENSE")
+REQUIRED = ("configs/metadata.json", "models/model.pt", LARGE_FILES, "LICENSE")
 # never packaged, at any depth
 EXCLUDED_DIRS = {"__pycache__", "output", "outputs", "eval", "runs", "logs", "log", "dist"}
 EXCLUDED_FILES = ("*.pyc", "*.pyo", "*.log", "events.out.tfevents*")
@@ -71,8 +79,7 @@ def list_files(bundle_dir: str = BUNDLE_DIR) -> list[str]:
     files += [p for p in _walk(bundle_dir, "docs") if p.lower().endswith(DOCS_SUFFIXES)]
     files += [p for p in _walk(bundle_dir, "atlas") if p.lower().endswith(ATLAS_SUFFIXES)]
     files += [f"models/{m}" for m in MODEL_FILES if os.path.isfile(os.path.join(bundle_dir, "models", m))]
-    if os.path.isfile(os.path.join(bundle_dir, "LICENSE")):
-        files.append("LICENSE")
+    files += [name for name in ("LICENSE", LARGE_FILES) if os.path.isfile(os.path.join(bundle_dir, name))]
     files = sorted(p for p in set(files) if not _excluded(p))
     missing = [r for r in REQUIRED if r not in files]
     if missing:
@@ -89,36 +96,47 @@ def bundle_version(bundle_dir: str = BUNDLE_DIR) -> str:
     return version
 
 
-def package(output_dir: str = "dist", name: str = BUNDLE_NAME, bundle_dir: str = BUNDLE_DIR) -> str:
-    """Write `output_dir`/<name>_v<version>.zip with the single top-level folder <name>/; returns and prints its path.
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    The zip is written to a temporary file first and moved into place, so a failure leaves no partial archive.
-    """
+
+def write_large_files(bundle_dir: str = BUNDLE_DIR) -> str:
+    """`bundle_dir/large_files.yml`: path and SHA-256 of each weight file in models/, in model-zoo's format (no url:
+    the weights travel inside the release zip)."""
+    lines = ["large_files:"]
+    for name in MODEL_FILES:
+        path = os.path.join(bundle_dir, "models", name)
+        if os.path.isfile(path):
+            lines += [f'- path: "models/{name}"', '  url: ""', f'  hash_val: "{sha256(path)}"', '  hash_type: "sha256"']
+    target = os.path.join(bundle_dir, LARGE_FILES)
+    with atomic_write(target, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return target
+
+
+def package(output_dir: str = "dist", name: str = BUNDLE_NAME, bundle_dir: str = BUNDLE_DIR) -> str:
+    """Write `bundle_dir/large_files.yml`, then `output_dir`/<name>_v<version>.zip with the single top-level folder
+    <name>/; returns and prints the zip's path. The zip goes through a temporary file: a failure leaves none."""
     bundle_dir = os.path.abspath(os.path.expanduser(str(bundle_dir)))
+    write_large_files(bundle_dir)
     files = list_files(bundle_dir)
     version = bundle_version(bundle_dir)
     output_dir = os.path.abspath(os.path.expanduser(str(output_dir)))
     os.makedirs(output_dir, exist_ok=True)
     zip_path = os.path.join(output_dir, f"{name}_v{version}.zip")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}_", suffix=".zip.tmp", dir=output_dir)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for rel in files:
-                info = zipfile.ZipInfo(f"{name}/{rel}", date_time=ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = (0o100644 & 0xFFFF) << 16  # regular file, rw-r--r--
-                info.create_system = 3  # unix, so the permissions above are honoured
-                with open(os.path.join(bundle_dir, rel), "rb") as src, zf.open(info, "w") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the zip ordinary file permissions
-        os.replace(tmp, zip_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(zip_path) as archive, zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel in files:
+            info = zipfile.ZipInfo(f"{name}/{rel}", date_time=ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (0o100644 & 0xFFFF) << 16  # regular file, rw-r--r--
+            info.create_system = 3  # unix, so the permissions above are honoured
+            with open(os.path.join(bundle_dir, rel), "rb") as src, zf.open(info, "w") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
     print(zip_path)
     return zip_path
 

@@ -29,3 +29,15 @@ class RejectInvalidImaged(MapTransform):
             if image.amax() == image.amin():
                 raise ValueError(f"the image is constant ({float(image.amax())}): there is nothing to segment.")
         return d
+
+
+class EmptyPaddingLabeld(MapTransform):
+    """Empties the label of a case marked `padding` (`scripts.distributed.shard`), so MONAI's Dice ignores it: an
+    empty ground truth gives NaN, which the metrics' mean leaves out."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if bool(d.get("padding", False)):
+            for key in self.key_iterator(d):
+                d[key] = torch.zeros_like(d[key])
+        return d
