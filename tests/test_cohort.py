@@ -164,7 +164,7 @@ def test_quality_flags(tmp_path):
 
 
 def test_case_stream_reads_cases_only_as_they_are_consumed():
-    from scripts.inference import CaseStream
+    from scripts.inference import CaseStream, SafeCases
 
     read = []
 
@@ -174,7 +174,7 @@ def test_case_stream_reads_cases_only_as_they_are_consumed():
             raise ValueError("unreadable")
         return {"image": np.zeros((1, 2, 2, 2), np.float32)}
 
-    stream = CaseStream([{"image": name} for name in ("a", "bad", "c", "d")], transform)
+    stream = CaseStream(SafeCases([{"image": name} for name in ("a", "bad", "c", "d")], transform))
     batches = iter(stream)
     next(batches)
     assert read == ["a"]

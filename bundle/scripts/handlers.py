@@ -194,6 +194,22 @@ class CheckedCheckpointLoader(CheckpointLoader):
                                   f"{problem[:400]}") from None
 
 
+class LazySummaryWriter:
+    """A TensorBoard SummaryWriter created on first use, for MONAI's TensorBoard handlers: building a workflow
+    (`initialize`) then writes nothing to disk; the trainer's and the evaluator's handlers share one event file."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self._writer = None
+
+    def __getattr__(self, name: str):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return getattr(self._writer, name)
+
+
 class BestMetricState:
     """Makes an evaluator's best key metric part of a checkpoint, so a resumed run keeps the best model."""
 

@@ -60,7 +60,7 @@ class Inputs:
 
     Args:
         dataset_dir: the input folder.
-        output_dir: where masks, `volumes.csv` and QC pictures go; created and checked for writing.
+        output_dir: where masks, `volumes.csv` and QC pictures go (created when the run starts).
         recursive: also look in sub-folders (a folder of DICOM files is one series and is not searched further).
     """
 
@@ -71,7 +71,7 @@ class Inputs:
         self.dataset_dir = dataset_dir
         msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs"))
         self.root = os.path.join(dataset_dir, "imagesTs") if msd else dataset_dir
-        self.output_dir = check_output_dir(output_dir)
+        self.output_dir = output_dir
         self.paths = self._find(recursive)
         if not self.paths:
             raise BundleError(f"No NIfTI files or DICOM series to segment in {self.root}.")
@@ -126,8 +126,8 @@ def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[d
     return split
 
 
-class _SafeCases(Dataset):
-    """Each item preprocessed on demand; a case that fails becomes `{"image": path, "failure": reason}`."""
+class SafeCases(Dataset):
+    """Each case preprocessed on demand; a case that fails becomes `{"image": path, "failure": reason}`."""
 
     def _transform(self, index: int) -> dict:
         case = self.data[index]
@@ -147,21 +147,20 @@ class CaseStream:
     length: an Ignite engine runs one epoch over it until it is exhausted.
 
     Args:
-        data: case dicts with an `image` path.
-        transform: the deterministic preprocessing.
+        dataset: the cases (dicts with an `image` path) and their deterministic preprocessing.
         batch_size: cases per batch (same-shaped inputs only).
         num_workers: DataLoader worker processes.
     """
 
-    def __init__(self, data: Sequence[dict], transform: Callable, batch_size: int = 1, num_workers: int = 0) -> None:
-        self.cases = list(data)
-        self.transform = transform
+    def __init__(self, dataset: SafeCases, batch_size: int = 1, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.cases = list(dataset.data)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.failures: list[tuple[str, str]] = []
 
     def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(_SafeCases(self.cases, self.transform), batch_size=self.batch_size, shuffle=False,
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
                             num_workers=self.num_workers, collate_fn=_as_list)
         for items in loader:
             good = []
@@ -227,8 +226,10 @@ class ConfidenceRecorder:
         return data
 
 
-def run(evaluator, crops: CaseStream, heads: HeadCases) -> None:
-    """Segments the crops through `evaluator`, then the heads (the evaluator's loader has loaded the weights)."""
+def run(inputs: Inputs, evaluator, crops: CaseStream, heads: HeadCases) -> None:
+    """Checks that the output folder can be written, then segments the crops through `evaluator` and the heads (the
+    evaluator's checkpoint loader has loaded the weights)."""
+    check_output_dir(inputs.output_dir)
     if crops.cases:
         evaluator.run()
     if heads.cases:

@@ -1,0 +1,176 @@
+"""Every command written in README.md, bundle/docs/README.md and the config headers runs as written, in document
+order, on a copy of the bundle: placeholders (D, IN, OUT, N, ...) become synthetic data, and training runs are cut
+to one epoch through the command line. Commands that cannot run here are listed in NOT_RUN with the reason."""
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BUNDLE_DIR, REPO_DIR
+
+DOCS = ("README.md", "bundle/docs/README.md")
+NOT_RUN = {
+    "cd bundle": "every command runs in (a copy of) the bundle folder",
+    "bash demo.sh": "the set-up-and-run command itself: it installs the environment these tests run in",
+    ".venv/bin/python -m pytest tests": "the test command itself",
+    "python -m scripts.download": "needs the internet (MSD download)",
+    "docker": "no docker here",
+    "--source github": "needs the internet (GitHub release)",
+    "--nnodes=2": "needs two machines",
+    "scripts.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
+}
+# shortened through the command line: flag -> value (replaced where the command sets it, else appended)
+SHORTER = {
+    "monai.bundle run training": {"--epochs": "1"},
+    "scripts.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
+}
+
+
+def fenced_commands(text):
+    """Shell commands of the fenced code blocks, continuation lines joined, comments dropped."""
+    commands, inside, pending = [], False, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+            continue
+        if not inside:
+            continue
+        pending += re.split(r"(?:^|\s)#\s", line)[0].rstrip()  # a comment line, or a comment after a command
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        words = shlex.split(pending)
+        if words:
+            commands.append(shlex.join(words))
+        pending = ""
+    return commands
+
+
+def header_commands(text):
+    """Commands in a config's header comment: lines `#   python ...` / `#   torchrun ...` and their continuations."""
+    commands, pending = [], None
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if pending is None and not body.startswith(("python ", "torchrun ")):
+            continue
+        pending = (pending or "") + body
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        commands.append(shlex.join(shlex.split(pending)))
+        pending = None
+    return commands
+
+
+def documented_commands():
+    found = []
+    for doc in DOCS:
+        with open(os.path.join(REPO_DIR, doc), encoding="utf-8") as f:
+            found += [(doc, command) for command in fenced_commands(f.read())]
+    for config in sorted(glob.glob(os.path.join(BUNDLE_DIR, "configs", "*.yaml"))):
+        with open(config, encoding="utf-8") as f:
+            found += [(f"configs/{os.path.basename(config)}", c) for c in header_commands(f.read())]
+    unique = {}
+    for where, command in found:
+        unique.setdefault(command, where)
+    return [(where, command) for command, where in unique.items()]
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_hold_the_commands_users_need():
+    text = "\n".join(command for _, command in COMMANDS)
+    for needed in ("run training", "--resume true", "run evaluating", "multi_gpu_train.yaml", "multi_gpu_evaluate.yaml",
+                   "multi_gpu_inference.yaml", "inference_tf.yaml", "inference_ts.yaml", "ckpt_export", "onnx_export",
+                   "verify_net_in_out", "verify_metadata", "scripts.package", "monai.bundle download --name"):
+        assert needed in text, needed
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, synthetic_task):
+    root = tmp_path_factory.mktemp("documented")
+    bundle = root / "bundle"
+    shutil.copytree(BUNDLE_DIR, bundle, ignore=shutil.ignore_patterns("__pycache__", "output", "eval", "dist"))
+    scans = root / "scans"  # two labelled cases, so that an overlay can draw label and mask of one
+    scans.mkdir()
+    for image in sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[:2]:
+        shutil.copy(image, scans)
+    bids = root / "bids" / "sub-01" / "anat"
+    bids.mkdir(parents=True)
+    shutil.copy(sorted(glob.glob(str(scans / "*.nii.gz")))[0], bids / "sub-01_T1w.nii.gz")
+    schema = os.path.join(REPO_DIR, "..", "shared", "monai", "meta_schema_20240725.json")
+    (root / "schema").mkdir()
+    if os.path.isfile(schema):
+        shutil.copy(schema, root / "schema")
+    return {"root": root, "bundle": bundle, "task": synthetic_task, "scans": scans, "outputs": [],
+            "case": os.path.basename(sorted(glob.glob(str(scans / "*.nii.gz")))[0])[: -len(".nii.gz")],
+            "zip": None, "schema": os.path.isfile(schema)}
+
+
+def placeholders(ws, out):
+    return {"/data/Task04_Hippocampus": ws["task"], "D": ws["task"],
+            "IN": str(ws["scans"]), "COHORT": str(ws["scans"]), "BIDS": str(ws["root"] / "bids"), "OUT": out,
+            "SCHEMA_DIR": str(ws["root"] / "schema"), "/path/to/the.zip": str(ws["zip"])}
+
+
+def concrete(command, ws, out):
+    """The command's words with placeholders filled in and runs shortened."""
+    words = shlex.split(command)
+    names = placeholders(ws, out)
+    filled = []
+    for word in words:
+        for name, value in names.items():
+            if word == name or word.startswith(name + "/"):
+                word = value + word[len(name):]
+                break
+            if word.startswith("file://" + name):
+                word = "file://" + value
+        word = word.replace("=N", "=2").replace("CASE", ws["case"])
+        filled.append(word)
+    for pattern, flags in SHORTER.items():
+        if pattern in command:
+            for flag, value in flags.items():
+                if flag in filled:
+                    filled[filled.index(flag) + 1] = value
+                else:
+                    filled += [flag, value]
+    if "--resume" in filled:
+        filled[filled.index("--epochs") + 1] = "2"  # one epoch more than the run it resumes
+    program = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    return program[filled[0]] + filled[1:]
+
+
+@pytest.mark.parametrize("where, command", COMMANDS, ids=[f"{w}: {c[:60]}" for w, c in COMMANDS])
+def test_documented_command_runs(where, command, workspace):
+    skip = next((reason for key, reason in NOT_RUN.items() if key in command), None)
+    if skip:
+        pytest.skip(skip)
+    if "verify_metadata" in command and not workspace["schema"]:
+        pytest.skip("../shared/monai/meta_schema_20240725.json is absent (verify_metadata would download it)")
+    writes_masks = "monai.bundle run" in command and "inference" in command
+    out = str(workspace["root"] / f"out{len(workspace['outputs'])}") if writes_masks or not workspace["outputs"] \
+        else workspace["outputs"][-1]
+    if writes_masks:
+        workspace["outputs"].append(out)
+    words = concrete(command, workspace, out)
+    result = subprocess.run(words, cwd=workspace["bundle"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(workspace["bundle"])))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"{where}: {shlex.join(words)}\n{log[-4000:]}"
+    if writes_masks:
+        assert glob.glob(os.path.join(out, "**", "*_seg.nii.gz"), recursive=True) and "0 failed" in log, log[-2000:]
+    if "run training" in command:
+        assert re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log), log[-2000:]
+    if "run evaluating" in command:
+        assert "Evaluation of" in log, log[-2000:]
+    if "scripts.package" in command:
+        workspace["zip"] = result.stdout.strip().splitlines()[-1]
