@@ -1,6 +1,8 @@
-# Official PyTorch runtime image (CUDA build; runs on CPU too).
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# Python 3.11 and torch 2.13.0, the versions the tests run with. From PyPI, torch's Linux wheel is the CUDA build:
+# the image runs on a GPU (docker run --gpus all) and on CPU alike.
+FROM python:3.11-slim
 WORKDIR /opt/vnet
+RUN pip install --no-cache-dir torch==2.13.0
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 COPY bundle/ ./bundle/

@@ -1,6 +1,5 @@
 """The V-Net port: shapes, parameter count, TorchScript, and input size checks."""
 
-import os
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ def test_output_shape(kwargs, shape):
     assert torch.isfinite(out).all()
 
 
-def test_parameter_count_matches_seed():
+def test_parameter_count_matches_the_tensorflow_original():
     assert sum(p.numel() for p in VNet().parameters()) == 3_599_747
 
 

@@ -1,4 +1,4 @@
-"""Throughput (img/s) of the full pipeline against the bare model, like the seed's vnet_benchmark.py; MONAI has none.
+"""Throughput (img/s) of the full pipeline against the bare model, like the TensorFlow original's vnet_benchmark.py; MONAI has none.
 
 Run from the bundle folder:
     python -m scripts.benchmark --mode train --batch_size 8 --amp True --warmup_steps 10 --steps 40 \
@@ -25,6 +25,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
+from monai.utils import look_up_option
 
 from scripts import as_bool
 from scripts.amp import cpu_description
@@ -239,8 +240,7 @@ def benchmark(
         num_workers: dataloader workers (default: the config's).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    mode = look_up_option(mode, MODES)
     batch_size, warmup_steps, steps = int(batch_size), int(warmup_steps), int(steps)
     if batch_size < 1 or warmup_steps < 0 or steps < 1:
         raise ValueError("need batch_size >= 1, warmup_steps >= 0 and steps >= 1.")

@@ -31,8 +31,10 @@ def initialize(distributed: bool = False) -> None:
 
 
 def finalize() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one, once every process is done (a process leaving while
+    another still talks to it can abort gloo)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
