@@ -35,15 +35,17 @@ def _snapshot(*folders):
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory):
-    """Both modes run at once (each makes its own synthetic task), tiny settings."""
+def cli_results(tmp_path_factory, synthetic_task):
+    """Both modes run at once, tiny settings: predict on a synthetic task it makes, train on a given task folder
+    (which also times one epoch with and without validation)."""
     out = tmp_path_factory.mktemp("benchmark")
     before = _snapshot("models", "output")
     procs = {}
     for mode in MODES:
         procs[mode] = subprocess.Popen(
             [sys.executable, "-m", "scripts.benchmark", "--mode", mode, "--batch_size", "2", "--amp", "True",
-             "--warmup_steps", "1", "--steps", "2", "--output_json", str(out / f"{mode}.json")],
+             "--warmup_steps", "1", "--steps", "2", "--output_json", str(out / f"{mode}.json"),
+             *(["--dataset_dir", synthetic_task] if mode == "train" else [])],
             cwd=BUNDLE_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
     results = {}
@@ -71,6 +73,8 @@ def test_cli_writes_json(cli_results, mode):
         assert all(math.isfinite(v) and v > 0 for v in values) and values == sorted(values)
     else:
         assert not LATENCY_KEYS & set(result)
+        assert 0 < result["epoch_s"] < result["epoch_with_validation_s"]
+        assert "one epoch on" in log
     assert "efficiency (pipeline / model only)" in log  # the printed table
 
 

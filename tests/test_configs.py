@@ -144,3 +144,20 @@ def test_preprocessing_output_and_constant_image(synthetic_task, tmp_path):
     with pytest.raises(RuntimeError) as error:  # MONAI wraps the transform's ValueError
         preprocessing({"image": str(constant_file)})
     assert "constant" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("device_cache", ["auto", "true"])
+def test_the_data_path_follows_the_device(device_cache, synthetic_task, tmp_path):
+    """On CPU, auto keeps the plain DataLoader; the device path caches on the device and uses a ThreadDataLoader."""
+    from monai.data import ThreadDataLoader
+    from monai.transforms import ToDeviced
+
+    parser = parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), device_cache=device_cache)
+    on_device = device_cache == "true"
+    assert isinstance(parser.get_parsed_content("train#dataloader"), ThreadDataLoader) == on_device
+    transforms = parser.get_parsed_content("train#preprocessing").transforms
+    assert any(isinstance(t, ToDeviced) for t in transforms) == on_device
+    first_random = next(i for i, t in enumerate(transforms) if type(t).__name__.startswith("Rand"))
+    cached = transforms[:first_random]  # what CacheDataset keeps: plain tensors, on the device on the device path
+    assert any(type(t).__name__ == "EnsureTyped" for t in cached)
+    assert any(isinstance(t, ToDeviced) for t in cached) == on_device

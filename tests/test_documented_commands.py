@@ -30,6 +30,8 @@ SHORTER = {
     "monai.bundle run training": {"--epochs": "1"},
     "scripts.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
 }
+# shortened through the environment
+SHORTER_ENV = {"scripts/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "1", "BATCH": "2", "WORKERS": "0"}}
 
 
 def fenced_commands(text):
@@ -119,7 +121,8 @@ def workspace(tmp_path_factory, synthetic_task):
 def placeholders(ws, out):
     return {"/data/Task04_Hippocampus": ws["task"], "D": ws["task"],
             "IN": str(ws["scans"]), "COHORT": str(ws["scans"]), "BIDS": str(ws["root"] / "bids"), "OUT": out,
-            "SCHEMA_DIR": str(ws["root"] / "schema"), "/path/to/the.zip": str(ws["zip"])}
+            "SCHEMA_DIR": str(ws["root"] / "schema"), "/path/to/the.zip": str(ws["zip"]),
+            "OUT_DIR": str(ws["root"] / "gpu_benchmark"), "DATASET_DIR": ws["task"]}
 
 
 def concrete(command, ws, out):
@@ -145,7 +148,7 @@ def concrete(command, ws, out):
                     filled += [flag, value]
     if "--resume" in filled:
         filled[filled.index("--epochs") + 1] = "2"  # one epoch more than the run it resumes
-    program = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    program = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"], "bash": ["bash"]}
     return program[filled[0]] + filled[1:]
 
 
@@ -162,8 +165,12 @@ def test_documented_command_runs(where, command, workspace):
     if writes_masks:
         workspace["outputs"].append(out)
     words = concrete(command, workspace, out)
-    result = subprocess.run(words, cwd=workspace["bundle"], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(workspace["bundle"])))
+    env = dict(os.environ, PYTHONPATH=str(workspace["bundle"]), PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ["PATH"])  # `python` in a shell script is this one
+    for pattern, variables in SHORTER_ENV.items():
+        if pattern in command:
+            env.update(variables)
+    result = subprocess.run(words, cwd=workspace["bundle"], capture_output=True, text=True, timeout=600, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{where}: {shlex.join(words)}\n{log[-4000:]}"
     if writes_masks:
@@ -172,5 +179,7 @@ def test_documented_command_runs(where, command, workspace):
         assert re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log), log[-2000:]
     if "run evaluating" in command:
         assert "Evaluation of" in log, log[-2000:]
+    if "gpu_benchmark.sh" in command:
+        assert "| native | train | 0 |" in log and "native recipe, 1 epochs with validation" in log, log[-2000:]
     if "scripts.package" in command:
         workspace["zip"] = result.stdout.strip().splitlines()[-1]

@@ -101,7 +101,7 @@ def test_zip_layout_and_no_junk(release):
         elif top == "docs":
             assert path.lower().endswith((".md", ".txt", ".png")), path
         elif top == "scripts":
-            assert path.endswith(".py"), path
+            assert path.endswith((".py", ".sh")), path
         elif top == "atlas":
             assert path.endswith((".nii.gz", ".txt")), path
         else:

@@ -19,11 +19,12 @@ def load_weights(bundle):
     return torch.load(os.path.join(bundle, "models", "model_tf.pt"), map_location="cpu", weights_only=True)
 
 
-def test_same_seed_gives_bitwise_identical_weights(synthetic_task, tmp_path):
+def test_same_seed_gives_bitwise_identical_weights_on_either_data_path(synthetic_task, tmp_path):
+    """Two runs, the second on the GPU path (device-resident cache, ThreadDataLoader) with CPU tensors."""
     weights = []
-    for name in ("a", "b"):
+    for name, device_cache in (("a", "false"), ("b", "true")):
         bundle = copy_bundle(tmp_path / name)
-        run_bundle(bundle, *TRAIN, "--dataset_dir", synthetic_task, "--epochs", "2")
+        run_bundle(bundle, *TRAIN, "--dataset_dir", synthetic_task, "--epochs", "2", "--device_cache", device_cache)
         weights.append(load_weights(bundle))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

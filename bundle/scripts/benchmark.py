@@ -6,7 +6,8 @@ Run from the bundle folder:
     python -m scripts.benchmark --mode predict --batch_size 8 --dataset_dir /data/Task04_Hippocampus
 
 `pipeline`: the config's own dataloader and transforms feeding the MONAI engine (no validation, metrics,
-checkpoints or logging handlers); `model_only`: the same network, loss, optimizer and precision on tensors
+checkpoints or logging handlers; in predict mode, a recipe whose scans keep their own sizes is timed on them cropped
+or padded to its `input_shape`, so that they batch); `model_only`: the same network, loss, optimizer and precision on tensors
 already on the device. `efficiency` = pipeline / model_only img/s. Nothing is written into the bundle:
 outputs (the split) go to a temporary folder, and without `--dataset_dir` a synthetic task is made there.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.utils import look_up_option
 
 from scripts import as_bool
@@ -79,6 +80,11 @@ def _pipeline(mode: str, parser, batch_size: int, warmup_steps: int, total_steps
         preprocessing = parser.get_parsed_content("preprocessing")
         preprocessed = [preprocessing(dict(image)) for image in images]
         preprocess_ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
+        if len({tuple(case["image"].shape) for case in preprocessed}) > 1:  # native grids differ: batch input_shape
+            from monai.transforms import ResizeWithPadOrCropd
+
+            to_shape = ResizeWithPadOrCropd("image", parser.get_parsed_content("input_shape"))
+            preprocessed = [to_shape(case) for case in preprocessed]
         needed = batch_size * total_steps
         data = (preprocessed * math.ceil(needed / len(preprocessed)))[:needed]  # one pass, no loader restarts
         parser["validate#dataset"] = Dataset(data)
@@ -136,6 +142,28 @@ def _model_only(mode: str, parser, batch_size: int, warmup_steps: int, total_ste
     return _run_timed(engine, batch_size, warmup_steps, run)
 
 
+def _epoch_seconds(config_files, overrides: dict[str, Any]) -> dict[str, float]:
+    """Wall time of one training epoch of the recipe, and of the epoch with the validation after it; the data are
+    cached before the clock starts, and nothing is logged or saved."""
+    from monai.handlers import ValidationHandler
+
+    parser = _parser(config_files, overrides)
+    parser["train#trainer#train_handlers"] = []
+    parser["train#trainer#max_epochs"] = 1
+    parser["validate#output_handlers"] = []
+    parser.get_parsed_content("setup")
+    trainer = parser.get_parsed_content("train#trainer")
+    trained = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: trained.append(ThroughputLogger._now()))
+    for handler in parser.get_parsed_content("train#handlers"):  # the evaluator caches its data here
+        if isinstance(handler, ValidationHandler):
+            handler.attach(trainer)  # after the mark above: validation runs after the epoch is timed
+    start = ThroughputLogger._now()
+    trainer.run()
+    end = ThroughputLogger._now()
+    return {"epoch_s": trained[0] - start, "epoch_with_validation_s": end - start}
+
+
 def _print_table(result: dict[str, Any]) -> None:
     rows = [
         ("pipeline", result["pipeline_img_per_s"], result["pipeline_ms_per_step"], result["pipeline_ms_per_step_p50"]),
@@ -150,6 +178,9 @@ def _print_table(result: dict[str, Any]) -> None:
         print(f"{name:<12}{img_s:>10.2f}{ms:>10.1f}{median:>10.1f}")
     print(f"efficiency (pipeline / model only): {result['efficiency']:.3f} "
           f"(of medians: {result['efficiency_p50']:.3f})")
+    if "epoch_s" in result:
+        print(f"one epoch on {result['dataset']}: {result['epoch_s']:.1f} s, with validation "
+              f"{result['epoch_with_validation_s']:.1f} s")
     if result["mode"] == "predict":
         print("pipeline latency per batch (ms): p50 {latency_ms_p50:.1f}  p90 {latency_ms_p90:.1f}  "
               "p99 {latency_ms_p99:.1f}".format(**result))
@@ -234,7 +265,8 @@ def benchmark(
         warmup_steps: steps left out of the timing.
         steps: timed steps.
         output_json: where to write the results, if given.
-        dataset_dir: an MSD task folder; without it a synthetic one is made in a temporary folder.
+        dataset_dir: an MSD task folder; without it a synthetic one is made in a temporary folder. In train mode,
+            one full epoch of the recipe on it is timed too, with and without validation.
         config_file: the recipe's training config(s), relative to the bundle folder, e.g.
             "['configs/train.yaml','configs/train_native.yaml']".
         num_workers: dataloader workers (default: the config's).
@@ -250,13 +282,15 @@ def benchmark(
         overrides = _overrides(work_dir, batch_size, amp, num_workers)
         parser = _parser(config_file, overrides)
         dataset = _dataset(parser, dataset_dir, work_dir, batch_size, total_steps)
-        import monai
-
-        monai.utils.set_determinism(seed=parser.get_parsed_content("seed"))  # as the training's `initialize`
+        parser.get_parsed_content("setup")  # as the training's: random seed, cudnn.benchmark on CUDA
         pipeline = _pipeline(mode, parser, batch_size, warmup_steps, total_steps)
         model_only = _model_only(mode, _parser(config_file, overrides), batch_size, warmup_steps, total_steps)
+        epochs = {}
+        if mode == "train" and dataset_dir is not None:
+            overrides["dataset_dir"] = parser["dataset_dir"]
+            epochs = _epoch_seconds(config_file, overrides)
     result = _result(mode, parser, pipeline, model_only, batch_size=batch_size, amp=amp, warmup_steps=warmup_steps,
-                     steps=steps, dataset=dataset, config_file=config_file)
+                     steps=steps, dataset=dataset, config_file=config_file, **epochs)
     _print_table(result)
     if output_json:
         os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)

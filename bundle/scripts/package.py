@@ -10,7 +10,7 @@ checkpoints and hidden files, so this script copies only an allow-list:
     <name>/large_files.yml   each weight file with its SHA-256, as model-zoo bundles list them (written here)
     <name>/docs/      .md, .txt and .png files
     <name>/atlas/     the MNI152 template files whole-head inference registers to (.nii.gz) and their notice (.txt)
-    <name>/scripts/   .py files
+    <name>/scripts/   .py and .sh files
     <name>/LICENSE
 
 skipping hidden files, `__pycache__`, `*.pyc`, logs, output folders and TensorBoard event files anywhere.
@@ -75,7 +75,7 @@ def list_files(bundle_dir: str = BUNDLE_DIR) -> list[str]:
     """The sorted bundle-relative paths that go into the release zip."""
     bundle_dir = os.path.abspath(os.path.expanduser(str(bundle_dir)))
     files = _walk(bundle_dir, "configs")
-    files += [p for p in _walk(bundle_dir, "scripts") if p.endswith(".py")]
+    files += [p for p in _walk(bundle_dir, "scripts") if p.endswith((".py", ".sh"))]
     files += [p for p in _walk(bundle_dir, "docs") if p.lower().endswith(DOCS_SUFFIXES)]
     files += [p for p in _walk(bundle_dir, "atlas") if p.lower().endswith(ATLAS_SUFFIXES)]
     files += [f"models/{m}" for m in MODEL_FILES if os.path.isfile(os.path.join(bundle_dir, "models", m))]
