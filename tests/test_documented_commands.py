@@ -31,7 +31,8 @@ SHORTER = {
     "scripts.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
 }
 # shortened through the environment
-SHORTER_ENV = {"scripts/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "1", "BATCH": "2", "WORKERS": "0"}}
+SHORTER_ENV = {"scripts/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "1", "BATCH": "2", "WORKERS": "0",
+                                            "RECIPES": "native"}}
 
 
 def fenced_commands(text):

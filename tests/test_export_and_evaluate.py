@@ -8,12 +8,15 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
 from conftest import BUNDLE_DIR
 from scripts.handlers import CaseMetricsReport
+from scripts.qc import dice
 from scripts.recipe import load
 
 EXPORT_ARGS = ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
@@ -119,3 +122,14 @@ def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 12 and "tf_soft_dice_posterior" in summary
     assert "Evaluation of 12 cases" in log
+
+    # the masks inference writes score what evaluation reports: one inferer, one mapping back to each case's grid
+    masks = tmp_path / "masks"
+    bundle_command("run", "--config_file", "configs/inference.yaml", "--dataset_dir",
+                   os.path.join(synthetic_task, "imagesTr"), "--output_dir", str(masks), "--keep_largest", "false")
+    for row in rows:
+        name = row["case"][: -len(".nii.gz")]
+        mask = np.asarray(nib.load(str(masks / f"{name}_seg.nii.gz")).dataobj)
+        label = np.asarray(nib.load(os.path.join(synthetic_task, "labelsTr", row["case"])).dataobj)
+        for value, part in ((1, "anterior"), (2, "posterior")):
+            assert dice(mask == value, label == value) == pytest.approx(float(row[f"dice_{part}"]), abs=1e-6)

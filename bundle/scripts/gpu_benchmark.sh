@@ -5,16 +5,17 @@
 # model alone, and their ratio (scripts/benchmark.py; one JSON per cell in OUT_DIR). With DATASET_DIR (an MSD task
 # folder) the cells run on its cases, train cells also time one epoch with and without validation, and the native
 # recipe's full training (validation every epoch) is timed and then evaluated. The environment can shorten it:
-# STEPS, WARMUP, EPOCHS, BATCH, WORKERS.
+# STEPS, WARMUP, EPOCHS, BATCH, WORKERS, RECIPES.
 set -euo pipefail
 OUT=${1:?usage: bash scripts/gpu_benchmark.sh OUT_DIR [DATASET_DIR]}
 DATA=${2:-}
 STEPS=${STEPS:-30} WARMUP=${WARMUP:-10} EPOCHS=${EPOCHS:-90} BATCH=${BATCH:-32} WORKERS=${WORKERS:-"0 8"}
+RECIPES=${RECIPES:-"tf native"}
 mkdir -p "$OUT"
 python -c "import monai, torch; print('torch', torch.__version__, '| monai', monai.__version__, '|',
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/versions.txt"
 declare -A CONFIGS=([tf]="['configs/train.yaml']" [native]="['configs/train.yaml','configs/train_native.yaml']")
-for recipe in tf native; do
+for recipe in $RECIPES; do
   for mode in train predict; do
     for workers in $WORKERS; do
       python -m scripts.benchmark --mode "$mode" --batch_size "$BATCH" --amp True --warmup_steps "$WARMUP" \
