@@ -154,13 +154,13 @@ def _epoch_seconds(config_files, overrides: dict[str, Any]) -> dict[str, float]:
     parser.get_parsed_content("setup")
     trainer = parser.get_parsed_content("train#trainer")
     trained = []
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: trained.append(ThroughputLogger._now()))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: trained.append(ThroughputLogger.now()))
     for handler in parser.get_parsed_content("train#handlers"):  # the evaluator caches its data here
         if isinstance(handler, ValidationHandler):
             handler.attach(trainer)  # after the mark above: validation runs after the epoch is timed
-    start = ThroughputLogger._now()
+    start = ThroughputLogger.now()
     trainer.run()
-    end = ThroughputLogger._now()
+    end = ThroughputLogger.now()
     return {"epoch_s": trained[0] - start, "epoch_with_validation_s": end - start}
 
 

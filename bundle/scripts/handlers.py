@@ -258,7 +258,8 @@ class ThroughputLogger:
         engine.add_event_handler(Events.COMPLETED, self._completed)
 
     @staticmethod
-    def _now() -> float:
+    def now() -> float:
+        """perf_counter after the pending CUDA work, if any."""
         if _cuda_in_use():
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -270,10 +271,10 @@ class ThroughputLogger:
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_start = len(self.step_times)
-        self._last = self._now()
+        self._last = self.now()
 
     def _iteration_completed(self, engine: Engine) -> None:
-        now = self._now()
+        now = self.now()
         if self._last is not None and engine.state.iteration > self.warmup_steps:
             self.step_times.append(now - self._last)
         self._last = now
