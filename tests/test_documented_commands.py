@@ -3,6 +3,8 @@ order, on a copy of the bundle: placeholders (D, IN, OUT, N, ...) become synthet
 to one epoch through the command line. Commands that cannot run here are listed in NOT_RUN with the reason."""
 
 import glob
+import json
+import math
 import os
 import re
 import shlex
@@ -166,6 +168,7 @@ def test_documented_command_runs(where, command, workspace):
     if writes_masks:
         workspace["outputs"].append(out)
     words = concrete(command, workspace, out)
+    before = files_under(workspace["bundle"], "models", "output")
     env = dict(os.environ, PYTHONPATH=str(workspace["bundle"]), PATH=os.path.dirname(sys.executable) + os.pathsep
                + os.environ["PATH"])  # `python` in a shell script is this one
     for pattern, variables in SHORTER_ENV.items():
@@ -180,7 +183,33 @@ def test_documented_command_runs(where, command, workspace):
         assert re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log), log[-2000:]
     if "run evaluating" in command:
         assert "Evaluation of" in log, log[-2000:]
-    if "gpu_benchmark.sh" in command:
-        assert "| native | train | 0 |" in log and "native recipe, 1 epochs with validation" in log, log[-2000:]
+    if "scripts.benchmark" in command or "gpu_benchmark.sh" in command:
+        check_benchmark_results(command, words, workspace, log, before)
     if "scripts.package" in command:
         workspace["zip"] = result.stdout.strip().splitlines()[-1]
+
+
+def files_under(bundle, *folders):
+    return {(os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+            for folder in folders for d, _, names in os.walk(bundle / folder) for f in names}
+
+
+def check_benchmark_results(command, words, ws, log, before):
+    """The benchmark's JSON records (no speed asserted), and nothing written into the bundle."""
+    if "gpu_benchmark.sh" in command:
+        out = words[words.index("scripts/gpu_benchmark.sh") + 1]
+        results = {mode: json.load(open(os.path.join(out, f"native_{mode}_workers0.json"))) for mode in ("train", "predict")}
+        assert "| native | train | 0 |" in log and "native recipe, 1 epochs with validation" in log, log[-2000:]
+    else:
+        results = {"train": json.load(open(ws["bundle"] / words[words.index("--output_json") + 1]))}
+        assert "efficiency (pipeline / model only)" in log and files_under(ws["bundle"], "models", "output") == before
+    for mode, result in results.items():
+        assert result["mode"] == mode and result["steps"] == 2 and result["warmup_steps"] == 1
+        for key in ("pipeline_img_per_s", "model_only_img_per_s", "efficiency", "pipeline_ms_per_step"):
+            assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+        assert result["efficiency"] == pytest.approx(result["pipeline_img_per_s"] / result["model_only_img_per_s"])
+        latencies = [result.get(key) for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99")]
+        assert (latencies == sorted(latencies) and all(v > 0 for v in latencies)) if mode == "predict" else \
+            latencies == [None] * 3
+        if "DATASET_DIR" in command and mode == "train":
+            assert 0 < result["epoch_s"] < result["epoch_with_validation_s"]

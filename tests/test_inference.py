@@ -107,18 +107,10 @@ def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
 
 
 def test_torchscript_config_gives_the_same_masks(scans, tmp_path):
-    model_ts = tmp_path / "model.ts"
-    export = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(model_ts),
-         "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
-         "--config_file", "configs/inference.yaml"],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300,
-    )
-    assert export.returncode == 0, export.stderr[-3000:]
+    """The committed models/model.ts (the export of models/model.pt: test_export_and_evaluate.py) through its config."""
     eager = run_inference(scans, tmp_path / "eager")
     scripted = run_inference(
-        scans, tmp_path / "ts", "--ckpt_file", str(model_ts),
-        config="['configs/inference.yaml','configs/inference_ts.yaml']",
+        scans, tmp_path / "ts", config="['configs/inference.yaml','configs/inference_ts.yaml']",
     )
     assert eager.returncode == 0 and scripted.returncode == 0, scripted.stderr[-3000:]
     for name in fnmatch.filter(os.listdir(tmp_path / "eager"), "*_seg.nii.gz"):
