@@ -189,10 +189,7 @@ def _cli(dataset_dir):
 
 
 def test_cli(task):
-    clean = _cli(task)
-    assert clean.returncode == 0, clean.stderr
-    assert clean.stdout.strip() == "all 12 cases OK"
-
+    """A clean task's run is the documented command (test_documented_commands.py); here a broken one's."""
     bad_files = [corrupt(task, idx) for idx, (corrupt, _) in enumerate(CORRUPTIONS.values(), start=1)]
     res = _cli(task)
     assert res.returncode == 1

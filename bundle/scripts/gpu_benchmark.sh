@@ -5,7 +5,7 @@
 # model alone, and their ratio (scripts/benchmark.py; one JSON per cell in OUT_DIR). With DATASET_DIR (an MSD task
 # folder) the cells run on its cases, train cells also time one epoch with and without validation, and the native
 # recipe's full training (validation every epoch) is timed and then evaluated. The environment can shorten it:
-# STEPS, WARMUP, EPOCHS, BATCH, WORKERS, RECIPES.
+# STEPS, WARMUP, EPOCHS (0: no full training), BATCH, WORKERS, RECIPES.
 set -euo pipefail
 OUT=${1:?usage: bash scripts/gpu_benchmark.sh OUT_DIR [DATASET_DIR]}
 DATA=${2:-}
@@ -24,7 +24,7 @@ for recipe in $RECIPES; do
     done
   done
 done
-if [ -n "$DATA" ]; then
+if [ -n "$DATA" ] && [ "$EPOCHS" -gt 0 ]; then
   start=$(date +%s.%N)
   python -m monai.bundle run training --config_file "${CONFIGS[native]}" --dataset_dir "$DATA" --epochs "$EPOCHS" \
     --output_dir "$OUT/native_training" --ckpt_dir "$OUT/native_models" > "$OUT/native_training.log" 2>&1
