@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE_DIR
+from conftest import BUNDLE_DIR, files_under
 from scripts import BundleError, find_bundle_error
 
 CHAINS = [("train", ("train.yaml",)), ("train", ("train.yaml", "train_native.yaml")),
@@ -22,10 +22,6 @@ def workflow(workflow_type, configs, **overrides):
     return ConfigWorkflow(config_file=[os.path.join(BUNDLE_DIR, "configs", name) for name in configs],
                           meta_file=os.path.join(BUNDLE_DIR, "configs", "metadata.json"), logging_file=False,
                           workflow_type=workflow_type, bundle_root=BUNDLE_DIR, **overrides)
-
-
-def files_under(folder):
-    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if "__pycache__" not in d)
 
 
 @pytest.mark.parametrize("workflow_type, configs", CHAINS, ids=["+".join(c) for _, c in CHAINS])

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import BUNDLE_DIR, REPO_DIR
+from conftest import BUNDLE_DIR, REPO_DIR, files_under
 
 DOCS = ("README.md", "bundle/docs/README.md")
 NOT_RUN = {
@@ -168,7 +168,7 @@ def test_documented_command_runs(where, command, workspace):
     if writes_masks:
         workspace["outputs"].append(out)
     words = concrete(command, workspace, out)
-    before = files_under(workspace["bundle"], "models", "output")
+    before = files_under(workspace["bundle"] / "models", workspace["bundle"] / "output")
     env = dict(os.environ, PYTHONPATH=str(workspace["bundle"]), PATH=os.path.dirname(sys.executable) + os.pathsep
                + os.environ["PATH"])  # `python` in a shell script is this one
     for pattern, variables in SHORTER_ENV.items():
@@ -191,11 +191,6 @@ def test_documented_command_runs(where, command, workspace):
         workspace["zip"] = result.stdout.strip().splitlines()[-1]
 
 
-def files_under(bundle, *folders):
-    return {(os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
-            for folder in folders for d, _, names in os.walk(bundle / folder) for f in names}
-
-
 def check_benchmark_results(command, words, ws, log, before):
     """The benchmark's JSON records (no speed asserted), and nothing written into the bundle."""
     if "gpu_benchmark.sh" in command:
@@ -204,7 +199,7 @@ def check_benchmark_results(command, words, ws, log, before):
         assert "| native | train | 0 |" in log, log[-2000:]  # its full training: the training commands above
     else:
         results = {"train": json.load(open(ws["bundle"] / words[words.index("--output_json") + 1]))}
-        assert "efficiency (pipeline / model only)" in log and files_under(ws["bundle"], "models", "output") == before
+        assert "efficiency (pipeline / model only)" in log and files_under(ws["bundle"] / "models", ws["bundle"] / "output") == before
     for mode, result in results.items():
         assert result["mode"] == mode and result["steps"] == 2 and result["warmup_steps"] == 1
         for key in ("pipeline_img_per_s", "model_only_img_per_s", "efficiency", "pipeline_ms_per_step"):

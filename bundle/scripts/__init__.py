@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class BundleError(Exception):
     """A problem with the user's input (a file, a folder, a flag) that the message explains in full.

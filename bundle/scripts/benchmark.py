@@ -28,13 +28,12 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import look_up_option
 
-from scripts import as_bool
+from scripts import BUNDLE_DIR, as_bool
 from scripts.amp import cpu_description
 from scripts.handlers import ThroughputLogger
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("train", "predict")
 
 

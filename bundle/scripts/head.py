@@ -17,6 +17,7 @@ from monai.inferers import Inferer
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, SaveImage
 from scipy import ndimage
 
+from scripts import BUNDLE_DIR
 from scripts.transforms import RejectInvalidImaged
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -401,7 +402,6 @@ def configured_segmenter(config_file: str, output_dir: str) -> HeadSegmenter:
     to mirror): for the commands that segment heads outside a bundle run (`scripts.atlas`, `scripts.head_check`)."""
     from scripts.recipe import load
 
-    bundle_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser = load(bundle_root, [config_file], {"output_dir": output_dir, "head#segmenter#data_root_dir": ""})
+    parser = load(BUNDLE_DIR, [config_file], {"output_dir": output_dir, "head#segmenter#data_root_dir": ""})
     parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
     return parser.get_parsed_content("head#segmenter")

@@ -16,10 +16,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from scripts import BUNDLE_DIR
 from scripts.head import HEAD_LABELS, configured_segmenter
 from scripts.qc import dice
 
-BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 
 
