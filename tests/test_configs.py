@@ -161,3 +161,25 @@ def test_the_data_path_follows_the_device(device_cache, synthetic_task, tmp_path
     cached = transforms[:first_random]  # what CacheDataset keeps: plain tensors, on the device on the device path
     assert any(type(t).__name__ == "EnsureTyped" for t in cached)
     assert any(isinstance(t, ToDeviced) for t in cached) == on_device
+
+
+@pytest.mark.parametrize("channels_last", ["true", "false"])
+def test_network_weights_follow_channels_last(channels_last, synthetic_task, tmp_path):
+    """Training's and inference's networks hold their 3D convolution weights in the chosen memory layout, and the
+    layout changes no output beyond rounding."""
+    from scripts.vnet import VNet
+
+    layout = torch.channels_last_3d if channels_last == "true" else torch.contiguous_format
+    training = parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), channels_last=channels_last)
+    inference = parse_train_config(synthetic_task, tmp_path, ("inference.yaml",),
+                                   **{"recipe#overrides#channels_last": channels_last})
+    image = torch.randn(1, 1, 24, 32, 24)
+    for parser in (training, inference):
+        network = parser.get_parsed_content("network").eval()
+        weights = [p for p in network.parameters() if p.dim() == 5]
+        assert weights and all(p.is_contiguous(memory_format=layout) for p in weights)
+        plain = VNet(1, 3, full_res_skip=True).eval()
+        plain.load_state_dict({k: v.contiguous() for k, v in network.state_dict().items()})
+        assert all(p.is_contiguous() for p in plain.parameters())
+        with torch.no_grad():
+            assert torch.allclose(network(image), plain(image), atol=1e-4)
