@@ -37,6 +37,24 @@ def test_throughput_logger_logs_only_after_warmup(caplog):
     assert summary["img_per_s"] == pytest.approx(4 / (sum(timer.step_times) / 5))
 
 
+def test_throughput_logger_times_the_batch_fetch():
+    """The wait for each batch is timed apart from the step that includes it."""
+
+    def slow_batches():
+        for _ in range(6):
+            time.sleep(0.02)
+            yield 0
+
+    engine = _engine(sleep_s=0.005)
+    timer = ThroughputLogger(batch_size=1, warmup_steps=1)
+    timer.attach(engine)
+    engine.run(slow_batches(), max_epochs=1, epoch_length=6)
+    assert len(timer.data_times) == len(timer.step_times) == 5
+    assert all(0.02 <= data < step for data, step in zip(timer.data_times, timer.step_times))
+    summary = timer.summary()
+    assert 20 <= summary["data_ms_per_step"] < summary["ms_per_step"]
+
+
 def test_throughput_logger_silent_during_warmup(caplog):
     caplog.set_level(logging.INFO, logger="scripts.handlers")
     engine = _engine()

@@ -202,9 +202,14 @@ def check_benchmark_results(command, words, ws, log, before):
         assert "efficiency (pipeline / model only)" in log and files_under(ws["bundle"] / "models", ws["bundle"] / "output") == before
     for mode, result in results.items():
         assert result["mode"] == mode and result["steps"] == 2 and result["warmup_steps"] == 1
-        for key in ("pipeline_img_per_s", "model_only_img_per_s", "efficiency", "pipeline_ms_per_step"):
+        for key in ("pipeline_img_per_s", "model_only_img_per_s", "efficiency", "pipeline_ms_per_step",
+                    "model_only_channels_last_img_per_s", "model_only_contiguous_img_per_s"):
             assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
         assert result["efficiency"] == pytest.approx(result["pipeline_img_per_s"] / result["model_only_img_per_s"])
+        assert 0 < result["pipeline_data_ms_per_step"] < result["pipeline_ms_per_step"]
+        # the config's layout (channels-last) is the efficiency's; the other one is timed apart
+        assert result["channels_last"] is True
+        assert result["model_only_img_per_s"] == result["model_only_channels_last_img_per_s"]
         latencies = [result.get(key) for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99")]
         assert (latencies == sorted(latencies) and all(v > 0 for v in latencies)) if mode == "predict" else \
             latencies == [None] * 3

@@ -7,9 +7,12 @@ Run from the bundle folder:
 
 `pipeline`: the config's own dataloader and transforms feeding the MONAI engine (no validation, metrics,
 checkpoints or logging handlers; in predict mode, a recipe whose scans keep their own sizes is timed on them cropped
-or padded to its `input_shape`, so that they batch); `model_only`: the same network, loss, optimizer and precision on tensors
-already on the device. `efficiency` = pipeline / model_only img/s. Nothing is written into the bundle:
-outputs (the split) go to a temporary folder, and without `--dataset_dir` a synthetic task is made there.
+or padded to its `input_shape`, so that they batch); `model_only`: the same network, loss, optimizer and precision
+on tensors already on the device, timed with the weights in both memory layouts (the config's `channels_last`).
+`efficiency` = pipeline / model_only img/s, in the pipeline's layout; `pipeline_data_fraction`, the share of the
+pipeline's steps spent waiting for batches, measures the data's cost within one loop, where the machine's speed
+may drift between the two. Nothing is written into the bundle: outputs (the split) go to a temporary folder, and
+without `--dataset_dir` a synthetic task is made there.
 """
 
 from __future__ import annotations
@@ -177,6 +180,11 @@ def _print_table(result: dict[str, Any]) -> None:
         print(f"{name:<12}{img_s:>10.2f}{ms:>10.1f}{median:>10.1f}")
     print(f"efficiency (pipeline / model only): {result['efficiency']:.3f} "
           f"(of medians: {result['efficiency_p50']:.3f})")
+    print(f"pipeline steps waiting for their batch: {result['pipeline_data_ms_per_step']:.1f} ms of "
+          f"{result['pipeline_ms_per_step']:.1f} ({100 * result['pipeline_data_fraction']:.1f}%)")
+    print(f"model only, img/s: channels-last weights {result['model_only_channels_last_img_per_s']:.2f}, "
+          f"plain layout {result['model_only_contiguous_img_per_s']:.2f} (the pipeline's: "
+          f"{'channels-last' if result['channels_last'] else 'plain'})")
     if "epoch_s" in result:
         print(f"one epoch on {result['dataset']}: {result['epoch_s']:.1f} s, with validation "
               f"{result['epoch_with_validation_s']:.1f} s")
@@ -203,11 +211,14 @@ def _dataset(parser, dataset_dir: str | None, work_dir: str, batch_size: int, to
     return parser["dataset_dir"]
 
 
-def _result(mode: str, parser, pipeline: dict[str, float], model_only: dict[str, float], **settings: Any) -> dict[str, Any]:
+def _result(mode: str, parser, pipeline: dict[str, float], model_only_by_layout: dict[bool, dict[str, float]],
+            **settings: Any) -> dict[str, Any]:
     """One record of the run: img/s of both loops, their efficiency, the device, precision and software."""
     import monai
 
     device = parser.get_parsed_content("device")
+    channels_last = parser.get_parsed_content("flags#channels_last")
+    model_only = model_only_by_layout[channels_last]
     cuda_amp, cpu_amp = parser.get_parsed_content("flags#cuda_amp"), parser.get_parsed_content("flags#cpu_amp")
     load_average = os.getloadavg() if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {
@@ -217,9 +228,15 @@ def _result(mode: str, parser, pipeline: dict[str, float], model_only: dict[str,
         "precision": "fp16" if cuda_amp else "bf16" if cpu_amp and device.type == "cpu" else "fp32",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_description()})",
         "pipeline_img_per_s": pipeline["img_per_s"],
+        "channels_last": channels_last,
         "model_only_img_per_s": model_only["img_per_s"],
+        "model_only_channels_last_img_per_s": model_only_by_layout[True]["img_per_s"],
+        "model_only_contiguous_img_per_s": model_only_by_layout[False]["img_per_s"],
         "efficiency": pipeline["img_per_s"] / model_only["img_per_s"],
         "pipeline_ms_per_step": pipeline["ms_per_step"],
+        # the share of the pipeline's own steps spent waiting for batches: immune to drift between the two loops
+        "pipeline_data_ms_per_step": pipeline["data_ms_per_step"],
+        "pipeline_data_fraction": pipeline["data_ms_per_step"] / pipeline["ms_per_step"],
         "model_only_ms_per_step": model_only["ms_per_step"],
         # medians resist outlier steps (e.g. another process on the machine)
         "pipeline_ms_per_step_p50": pipeline["latency_ms_p50"],
@@ -283,7 +300,10 @@ def benchmark(
         dataset = _dataset(parser, dataset_dir, work_dir, batch_size, total_steps)
         parser.get_parsed_content("setup")  # as the training's: random seed, cudnn.benchmark on CUDA
         pipeline = _pipeline(mode, parser, batch_size, warmup_steps, total_steps)
-        model_only = _model_only(mode, _parser(config_file, overrides), batch_size, warmup_steps, total_steps)
+        # the model alone in both memory layouts of the weights (the config's `channels_last`); the pipeline's own
+        # layout gives the efficiency
+        model_only = {layout: _model_only(mode, _parser(config_file, {**overrides, "channels_last": layout}),
+                                          batch_size, warmup_steps, total_steps) for layout in (True, False)}
         epochs = {}
         if mode == "train" and dataset_dir is not None:
             overrides["dataset_dir"] = parser["dataset_dir"]

@@ -2,10 +2,11 @@
 # The model card's GPU throughput table in one command; run from the bundle folder with the requirements installed:
 #   bash scripts/gpu_benchmark.sh OUT_DIR [DATASET_DIR]
 # For both recipes, train and predict at batch 32 with AMP and num_workers 0 and 8: img/s of the pipeline and of the
-# model alone, and their ratio (scripts/benchmark.py; one JSON per cell in OUT_DIR). With DATASET_DIR (an MSD task
-# folder) the cells run on its cases, train cells also time one epoch with and without validation, and the native
-# recipe's full training (validation every epoch) is timed and then evaluated. The environment can shorten it:
-# STEPS, WARMUP, EPOCHS (0: no full training), BATCH, WORKERS, RECIPES.
+# model alone (also with the weights in the plain memory layout instead of channels-last), and their ratio
+# (scripts/benchmark.py; one JSON per cell in OUT_DIR). With DATASET_DIR (an MSD task folder) the cells run on its
+# cases, train cells also time one epoch with and without validation, and the native recipe's full training
+# (validation every epoch) is timed and then evaluated. The environment can shorten it: STEPS, WARMUP, EPOCHS
+# (0: no full training), BATCH, WORKERS, RECIPES.
 set -euo pipefail
 OUT=${1:?usage: bash scripts/gpu_benchmark.sh OUT_DIR [DATASET_DIR]}
 DATA=${2:-}
@@ -37,15 +38,17 @@ python - "$OUT" <<'EOF'
 import glob, json, os, sys
 
 out = sys.argv[1]
-print("| recipe | mode | num_workers | pipeline img/s | model alone img/s | efficiency | one epoch s (with validation) |")
-print("|---|---|---|---|---|---|---|")
+print("| recipe | mode | num_workers | pipeline img/s | model alone img/s | efficiency | model alone, plain layout img/s "
+      "| one epoch s (with validation) |")
+print("|---|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(out, "*_workers*.json"))):
     r = json.load(open(path))
     recipe = os.path.basename(path).split("_")[0]
     epoch = f"{r['epoch_s']:.1f} ({r['epoch_with_validation_s']:.1f})" if "epoch_s" in r else ""
     print(f"| {recipe} | {r['mode']} | {r['num_workers']} | {r['pipeline_img_per_s']:.0f} | "
-          f"{r['model_only_img_per_s']:.0f} | {r['efficiency']:.2f} | {epoch} |")
-print(f"device: {r['device']}, {r['precision']}, batch {r['batch_size']}")
+          f"{r['model_only_img_per_s']:.0f} | {r['efficiency']:.2f} | {r['model_only_contiguous_img_per_s']:.0f} | {epoch} |")
+print(f"device: {r['device']}, {r['precision']}, batch {r['batch_size']}, "
+      f"{'channels-last' if r['channels_last'] else 'plain'} weights in the pipeline")
 training = os.path.join(out, "native_training.json")
 if os.path.isfile(training):
     t, s = json.load(open(training)), json.load(open(os.path.join(out, "native_eval", "summary.json")))

@@ -234,7 +234,9 @@ class ThroughputLogger:
     A step's time is the wall time between consecutive ITERATION_COMPLETED events, so it includes the
     dataloader fetch; the first step of an epoch is timed from EPOCH_STARTED (so epoch-end work such as
     validation is not counted). The first `warmup_steps` iterations of the run are not counted.
-    img/s = batch_size * world_size / mean step time. On CUDA the device is synchronized before each reading.
+    img/s = batch_size * world_size / mean step time. The part of each counted step spent waiting for the batch
+    (GET_BATCH_STARTED to GET_BATCH_COMPLETED) is kept too: measured in the same steps, it shows how much the data
+    cost even where the machine's speed drifts between runs. On CUDA the device is synchronized before each reading.
 
     Args:
         batch_size: images per step on each process (the dataloader's batch size).
@@ -247,12 +249,17 @@ class ThroughputLogger:
         self.batch_size = int(batch_size)
         self.warmup_steps = int(warmup_steps)
         self.step_times: list[float] = []  # seconds, every counted step of the run
+        self.data_times: list[float] = []  # seconds of each counted step spent fetching its batch
         self._epoch_start = 0  # index into step_times of this epoch's first counted step
         self._last: float | None = None
+        self._fetch_started = 0.0
+        self._fetch = 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._get_batch_started)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._get_batch_completed)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._completed)
@@ -266,6 +273,7 @@ class ThroughputLogger:
 
     def _reset(self, engine: Engine) -> None:
         self.step_times.clear()
+        self.data_times.clear()
         self._epoch_start = 0
         self._last = None
 
@@ -273,10 +281,18 @@ class ThroughputLogger:
         self._epoch_start = len(self.step_times)
         self._last = self.now()
 
+    def _get_batch_started(self, engine: Engine) -> None:
+        self._fetch_started = self.now()
+
+    def _get_batch_completed(self, engine: Engine) -> None:
+        self._fetch = self.now() - self._fetch_started
+
     def _iteration_completed(self, engine: Engine) -> None:
         now = self.now()
         if self._last is not None and engine.state.iteration > self.warmup_steps:
             self.step_times.append(now - self._last)
+            self.data_times.append(self._fetch)
+        self._fetch = 0.0  # an engine run without a dataloader fetches nothing
         self._last = now
 
     def images_per_second(self, step_times: list[float] | None = None) -> float:
@@ -287,7 +303,7 @@ class ThroughputLogger:
         return self.batch_size * idist.get_world_size() / (sum(times) / len(times))
 
     def summary(self) -> dict[str, float]:
-        """Counted steps, mean step time, img/s and step-time percentiles (ms) over the whole run."""
+        """Counted steps, mean step and batch-fetch times, img/s and step-time percentiles (ms) over the run."""
         times = np.asarray(self.step_times, dtype=np.float64) * 1000.0
         if not len(times):
             return {"steps": 0}
@@ -295,6 +311,7 @@ class ThroughputLogger:
         return {
             "steps": len(times),
             "ms_per_step": float(times.mean()),
+            "data_ms_per_step": 1000.0 * float(np.mean(self.data_times)),
             "img_per_s": self.images_per_second(),
             "latency_ms_p50": p50,
             "latency_ms_p90": p90,
