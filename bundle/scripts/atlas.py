@@ -17,24 +17,23 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from scripts.head import HEAD_LABELS, configured_segmenter, resample_isotropic
+from scripts.head import HEAD_LABELS, configured_segmenter
+from scripts.localisation import BrainExtraction, resample_isotropic
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-HEAD_MASK = "mni_icbm152_head_mask_2mm.nii.gz"
+BRAIN_MASK = "mni_icbm152_brain_mask_2mm.nii.gz"
 
 
-def build(nilearn_data: str, output_dir: str = "atlas", dilation_mm: float = 10.0) -> None:
-    """Copies the template T1 and writes the registration mask on a 2 mm grid: 2 in the brain (grey + white matter
-    probability >= 0.4), 1 where it is dilated by `dilation_mm` to hold the skull; the neck and the air are 0."""
+def build(nilearn_data: str, output_dir: str = "atlas") -> None:
+    """Copies the template T1 and writes its brain mask on a 2 mm grid, as the head path's brain extraction (deepbet)
+    finds it: the registration matches each scan's extracted brain to this one."""
     os.makedirs(output_dir, exist_ok=True)
     shutil.copyfile(os.path.join(nilearn_data, TEMPLATE), os.path.join(output_dir, TEMPLATE))
-    tissue = [sitk.ReadImage(os.path.join(nilearn_data, TEMPLATE.replace("_t1_", f"_{name}_")), sitk.sitkFloat32)
-              for name in ("gm", "wm")]
-    brain = resample_isotropic((tissue[0] + tissue[1]) / 255.0, 2.0) >= 0.4
-    radius = int(round(dilation_mm / 2.0))
-    mask = sitk.BinaryDilate(brain, [radius] * 3, sitk.sitkBall) + brain
-    sitk.WriteImage(sitk.Cast(mask, sitk.sitkUInt8), os.path.join(output_dir, HEAD_MASK), useCompression=True)
-    print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{HEAD_MASK} ({int((sitk.GetArrayViewFromImage(mask) > 0).sum())} "
+    _, mask = BrainExtraction()(sitk.ReadImage(os.path.join(output_dir, TEMPLATE), sitk.sitkFloat32))
+    mask = sitk.Resample(mask, resample_isotropic(mask, 2.0, sitk.sitkNearestNeighbor), sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    sitk.WriteImage(mask, os.path.join(output_dir, BRAIN_MASK), useCompression=True)
+    print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{BRAIN_MASK} ({int(sitk.GetArrayViewFromImage(mask).sum())} "
           "voxels of 8 mm3)")
 
 

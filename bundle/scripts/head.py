@@ -1,12 +1,11 @@
-"""Whole-head T1 inputs: MONAI has no atlas registration, so SimpleITK places each head on the MNI152 template and
-the model segments one box per hippocampus, cut from the head and mapped back to its grid."""
+"""Whole-head T1 inputs: MONAI segments no whole heads, so the model segments one box per hippocampus, placed by
+`scripts.localisation`, cut from the head along its own axes and mapped back to its grid."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -18,22 +17,15 @@ from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, 
 from scipy import ndimage
 
 from scripts import BUNDLE_DIR
-from scripts.transforms import RejectInvalidImaged
+from scripts.localisation import RAS_TO_LPS, BrainExtraction, HeadError, Registration, TemplateRegistration
+from scripts.transforms import RejectInvalidImaged, image_reader
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-# FreeSurfer's eTIV calibration for MNI305 space, where the ICBM152 2009a template also lies (Buckner et al. 2004):
-# eTIV = constant / atlas scaling factor, the scaling factor being det(subject -> template).
-ETIV_CONSTANT_MM3 = 1948106.0
 SIDES = ("left", "right")
 HEAD_LABELS = {"left": (1, 2), "right": (3, 4)}  # (anterior, posterior) for each side
 
 
-class HeadError(ValueError):
-    """A head that cannot be segmented reliably: the message is the reason reported for the case."""
-
-
 def field_of_view_mm(path: str) -> np.ndarray:
-    """The physical extent (mm) of each axis of a NIfTI file or DICOM series folder, from its header alone."""
+    """The physical extent (mm) of each axis of a NIfTI or FreeSurfer file or DICOM series folder, from its header."""
     if os.path.isdir(path):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path)
         if not files:
@@ -74,167 +66,6 @@ def to_sitk(image: MetaTensor) -> sitk.Image:
     return result
 
 
-def resample_isotropic(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) -> sitk.Image:
-    """`image` smoothed (anti-aliasing) and resampled to `spacing` mm in its own orientation."""
-    sigmas = [max(spacing - s, 0.0) / 2 for s in image.GetSpacing()]
-    if interpolator == sitk.sitkLinear and max(sigmas) > 0:
-        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigmas])
-    size = [max(1, int(round(n * s / spacing))) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), [spacing] * 3,
-                         image.GetDirection(), 0.0, image.GetPixelID())
-
-
-@dataclass
-class Registration:
-    """An affine map from template (MNI, RAS mm) to scan (RAS mm) points, and how well the images matched."""
-
-    matrix: np.ndarray  # 3x3 linear part
-    offset: np.ndarray  # translation
-    mutual_information: float
-    correlation: float  # of the registered head with the template in the brain: negative for a T2's contrast
-
-    def __call__(self, points_mni: np.ndarray) -> np.ndarray:
-        return points_mni @ self.matrix.T + self.offset
-
-    @property
-    def scales(self) -> np.ndarray:
-        return np.linalg.svd(self.matrix, compute_uv=False)
-
-    @property
-    def rotation(self) -> np.ndarray:
-        """The rotation closest to the linear part (polar decomposition)."""
-        u, _, vt = np.linalg.svd(self.matrix)
-        return u @ vt
-
-    @property
-    def etiv_mm3(self) -> float:
-        """Estimated total intracranial volume from the atlas scaling factor (Buckner et al. 2004)."""
-        return ETIV_CONSTANT_MM3 * abs(float(np.linalg.det(self.matrix)))
-
-
-class TemplateRegistration:
-    """Affine registration of a head to the MNI152 2009a T1 template: centres of mass; similarity stages from the
-    header's orientation and from the best of 27 coarse rotations, the better kept; an affine stage. Mattes mutual
-    information within the template's head mask, coarse to fine (8, 4, 2 mm), fixed random sampling (deterministic).
-
-    Args:
-        template_file: the template T1 (any resolution; registration runs at `spacing`).
-        mask_file: where the metric is sampled on the template (brain and skull, not neck or background), 2 in the
-            brain, where the T1 check correlates the registered head with the template.
-        spacing: the finest registration grid, mm.
-        min_mutual_information: below it the head does not match the template (noise, no head).
-        min_correlation: below it the registered head's intensities do not follow a T1's (e.g. a T2 or FLAIR).
-        scale_range: allowed scaling of each axis, template to scan; a human head lies well inside it.
-    """
-
-    def __init__(self, template_file: str, mask_file: str, spacing: float = 2.0, min_mutual_information: float = 0.15,
-                 min_correlation: float = 0.2, scale_range: Sequence[float] = (0.7, 1.4)) -> None:
-        self.spacing = spacing
-        self.min_mutual_information = min_mutual_information
-        self.min_correlation = min_correlation
-        self.scale_range = tuple(scale_range)
-        self.template_file = template_file
-        self.mask_file = mask_file
-        self.template: sitk.Image | None = None
-        self.mask: sitk.Image | None = None
-        self.brain: np.ndarray | None = None
-
-    def _load_template(self) -> None:
-        """Reads the template on first use, so that runs without heads never touch it."""
-        self.template = resample_isotropic(sitk.ReadImage(self.template_file, sitk.sitkFloat32), self.spacing)
-        labels = sitk.Resample(sitk.ReadImage(self.mask_file, sitk.sitkUInt8), self.template, sitk.Transform(),
-                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        self.mask = labels > 0
-        self.brain = sitk.GetArrayFromImage(labels) == 2
-
-    def _method(self) -> sitk.ImageRegistrationMethod:
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(0.1, 1)
-        method.SetMetricFixedMask(self.mask)
-        method.SetInterpolator(sitk.sitkLinear)
-        return method
-
-    def _initial_rotation(self, rigid: sitk.Euler3DTransform, moving: sitk.Image) -> None:
-        """Sets `rigid` to the best of 27 rotations (0 and +-30 degrees about each axis) at 8 mm: gradient descent
-        alone misses heads tilted by more than about 30 degrees."""
-        method = self._method()
-        method.SetOptimizerAsExhaustive(numberOfSteps=[1, 1, 1, 0, 0, 0], stepLength=np.pi / 6)
-        method.SetOptimizerScales([1.0] * 6)
-        method.SetShrinkFactorsPerLevel([4])
-        method.SetSmoothingSigmasPerLevel([4.0])
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        method.SetInitialTransform(rigid, inPlace=True)
-        method.Execute(self.template, moving)
-
-    def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
-        method = self._method()
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=100,
-                                                        relaxationFactor=0.5)
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel(shrink)
-        method.SetSmoothingSigmasPerLevel(sigmas)
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        method.SetInitialTransform(transform, inPlace=True)
-        method.Execute(self.template, moving)
-        return method
-
-    def __call__(self, image: sitk.Image) -> Registration:
-        if self.template is None:
-            self._load_template()
-        moving = resample_isotropic(image, self.spacing) if min(image.GetSpacing()) < self.spacing * 0.95 else image
-        start = sitk.CenteredTransformInitializer(
-            self.template, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
-        )
-        rotated = sitk.Euler3DTransform(start)
-        self._initial_rotation(rotated, moving)
-        candidates = []
-        for rigid in (start, rotated):  # the header's orientation, and the best coarse rotation: the better one wins
-            similarity = sitk.Similarity3DTransform()
-            similarity.SetCenter(rigid.GetCenter())
-            similarity.SetMatrix(rigid.GetMatrix())
-            similarity.SetTranslation(rigid.GetTranslation())
-            candidates.append((self._stage(similarity, moving, [4, 2], [4.0, 2.0]).GetMetricValue(), similarity))
-        similarity = min(candidates, key=lambda candidate: candidate[0])[1]
-        affine = sitk.AffineTransform(3)
-        affine.SetCenter(similarity.GetCenter())
-        affine.SetMatrix(similarity.GetMatrix())
-        affine.SetTranslation(similarity.GetTranslation())
-        method = self._stage(affine, moving, [2, 1], [2.0, 0.0])
-        # the transform maps template (fixed) LPS points to scan (moving) LPS points; express it in RAS
-        matrix_lps = np.array(affine.GetMatrix()).reshape(3, 3)
-        offset_lps = np.array(affine.TransformPoint((0.0, 0.0, 0.0)))
-        registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, self.template, affine, sitk.sitkLinear, 0.0))
-        template = sitk.GetArrayViewFromImage(self.template)
-        correlation = float(np.corrcoef(registered[self.brain], template[self.brain])[0, 1])
-        registration = Registration(RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS, RAS_TO_LPS @ offset_lps,
-                                    -float(method.GetMetricValue()), correlation)
-        self.check(registration)
-        return registration
-
-    def check(self, registration: Registration) -> None:
-        if registration.mutual_information < self.min_mutual_information:
-            raise HeadError(
-                f"registration to the MNI152 template failed: mutual information {registration.mutual_information:.3f} "
-                f"< {self.min_mutual_information} (is this a T1-weighted head?)"
-            )
-        if registration.correlation < self.min_correlation:
-            raise HeadError(
-                f"the head does not look like a T1 after registration: correlation with the T1 template "
-                f"{registration.correlation:.2f} < {self.min_correlation}"
-            )
-        if np.linalg.det(registration.matrix) <= 0:
-            raise HeadError("registration to the MNI152 template mirrors the head (is its header's left-right wrong?)")
-        low, high = self.scale_range
-        scales = registration.scales
-        if scales.min() < low or scales.max() > high:
-            raise HeadError(
-                f"registration to the MNI152 template is implausible: scaling {np.round(scales, 2).tolist()} "
-                f"outside [{low}, {high}] of a human head"
-            )
-
-
 class HeadSegmenter:
     """Segments both hippocampi of a whole-head scan and writes `<case>_seg.nii.gz` on the scan's own grid with
     labels 1 left anterior, 2 left posterior, 3 right anterior, 4 right posterior.
@@ -248,7 +79,8 @@ class HeadSegmenter:
         network: the segmentation network (weights loaded by the caller).
         inferer: the inference inferer (flip averaging, autocast) shared with crop inputs.
         preprocessing: the recipe's deterministic preprocessing; its `LoadImaged` is skipped (boxes are in memory).
-        registration: a `TemplateRegistration`.
+        brain_extraction: a `BrainExtraction`.
+        registration: a `TemplateRegistration` of the extracted brain.
         box_centers: `{"left": [x, y, z], "right": [x, y, z]}`, MNI mm.
         box_size: box side lengths in mm for a head of the template's size.
         output_dir: where masks are written.
@@ -262,7 +94,7 @@ class HeadSegmenter:
     """
 
     def __init__(self, network: torch.nn.Module, inferer: Inferer, preprocessing: Compose,
-                 registration: TemplateRegistration, box_centers: Mapping[str, Sequence[float]],
+                 brain_extraction: BrainExtraction, registration: TemplateRegistration, box_centers: Mapping[str, Sequence[float]],
                  box_size: Sequence[float], output_dir: str, data_root_dir: str = "",
                  device: torch.device | str = "cpu", amp: bool = False,
                  min_side_volume_mm3: float = 1000.0, max_fragment_fraction: float = 0.1,
@@ -270,6 +102,7 @@ class HeadSegmenter:
         self.network = network
         self.inferer = inferer
         self.box_preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadImaged)])
+        self.brain_extraction = brain_extraction
         self.registration = registration
         self.box_centers = {side: np.asarray(box_centers[side], dtype=np.float64) for side in SIDES}
         self.box_size = np.asarray(box_size, dtype=np.float64)
@@ -278,7 +111,8 @@ class HeadSegmenter:
         self.min_side_volume_mm3 = min_side_volume_mm3
         self.max_fragment_fraction = max_fragment_fraction
         self.min_box_coverage = min_box_coverage
-        self.load = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
+        self.load = LoadImaged("image")
+        self.checked = Compose([EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
         self.save = SaveImage(output_dir=output_dir, data_root_dir=data_root_dir, output_postfix="seg",
                               output_ext=".nii.gz", output_dtype=np.uint8, separate_folder=False, resample=False,
                               print_log=False)
@@ -287,12 +121,16 @@ class HeadSegmenter:
         """Segments one head; returns its eTIV, registration details and time split. Raises for a bad case."""
         times = {}
         start = time.perf_counter()
-        image = self.load({"image": path})["image"]
+        image = self.checked(self.load({"image": path}, image_reader(path)))["image"]
         head = to_sitk(image)
         times["read_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        registration = self.registration(head)
+        brain = self.brain_extraction(head)
+        times["extraction_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        registration = self.registration(*brain)
         times["registration_s"] = time.perf_counter() - start
 
         start = time.perf_counter()

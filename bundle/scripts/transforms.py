@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 
 import torch
+from monai.data import ImageReader, NibabelReader
 from monai.transforms import MapTransform
+
+FREESURFER_SUFFIXES = (".mgz", ".mgh")
+
+
+def image_reader(path: str) -> ImageReader | None:
+    """The reader for `path` at run time: nibabel for FreeSurfer's `.mgz`/`.mgh` (MONAI chooses readers by suffix and
+    knows only NIfTI's for nibabel), else None (MONAI's choice)."""
+    return NibabelReader() if str(path).lower().endswith(FREESURFER_SUFFIXES) else None
 
 
 class RejectInvalidImaged(MapTransform):
