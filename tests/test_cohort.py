@@ -132,7 +132,7 @@ def test_flat_run_ignores_sub_folders_and_empty_input_is_an_error(bids, tmp_path
     (empty / "sub").mkdir(parents=True)
     result = run_inference(empty, tmp_path / "out2")
     assert result.returncode != 0
-    assert "No NIfTI files or DICOM series to segment" in result.stderr and "Traceback" not in result.stderr
+    assert "No NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series to segment" in result.stderr and "Traceback" not in result.stderr
 
 
 def write_mask(path, labels, spacing=1.0):

@@ -6,10 +6,13 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import IO
 
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# MONAI warns at every image loader's creation that nvImageCodec (a CUDA DICOM decoder) is missing: not news to a user
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 
 class BundleError(Exception):

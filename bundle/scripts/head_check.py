@@ -86,10 +86,10 @@ def make_harder_heads(folder: str, seed: int = 0) -> dict[str, str]:
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing="ij")
     bias = np.exp(0.35 * (0.8 * grids[0] + 0.5 * grids[1] - 0.7 * grids[2] + 0.4 * grids[0] * grids[2]))
     below = data[:, :, NECK_MM // 2:0:-1]
-    mask = nib.load(os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_head_mask_2mm.nii.gz"))
+    mask = nib.load(os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_brain_mask_2mm.nii.gz"))
     to_mask = np.linalg.inv(mask.affine) @ template.affine
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), 0).reshape(3, -1)
-    brain = ndimage.map_coordinates((np.asarray(mask.dataobj) == 2).astype(np.float32),
+    brain = ndimage.map_coordinates((np.asarray(mask.dataobj) > 0).astype(np.float32),
                                     to_mask[:3, :3] @ grid + to_mask[:3, 3:], order=1).reshape(data.shape) > 0.5
     brain = ndimage.binary_fill_holes(ndimage.binary_dilation(brain, iterations=2))
     neck_affine = template.affine.copy()

@@ -16,16 +16,17 @@ from monai.utils import look_up_option
 from scripts import BundleError
 from scripts.head import input_kind
 from scripts.qc import QualityCheck, draw_qc_png, write_volumes
+from scripts.transforms import FREESURFER_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", *FREESURFER_SUFFIXES)
 
 
 def case_name(path: str) -> str:
     """`<case>` of `<case>_seg.nii.gz`: the file name without its extension, or the series folder's name."""
     name = os.path.basename(os.path.normpath(path))
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -55,7 +56,7 @@ def check_output_dir(output_dir: str) -> str:
 
 
 class Inputs:
-    """The NIfTI files and DICOM series folders of `dataset_dir` (its `imagesTs/` for an MSD task folder), at any
+    """The NIfTI and FreeSurfer (`.mgz`, `.mgh`) files and DICOM series folders of `dataset_dir` (its `imagesTs/` for an MSD task folder), at any
     depth with `recursive`; each one's mask goes to the same relative folder under `output_dir`.
 
     Args:
@@ -74,7 +75,7 @@ class Inputs:
         self.output_dir = output_dir
         self.paths = self._find(recursive)
         if not self.paths:
-            raise BundleError(f"No NIfTI files or DICOM series to segment in {self.root}.")
+            raise BundleError(f"No NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series to segment in {self.root}.")
 
     def _find(self, recursive: bool) -> list[str]:
         found = []
@@ -88,7 +89,7 @@ class Inputs:
                 if _is_dicom_series(path):
                     found.append(path)
                     subfolders.remove(name)
-            found += [os.path.join(folder, f) for f in files if f.endswith(NIFTI_SUFFIXES) and not f.startswith(".")]
+            found += [os.path.join(folder, f) for f in files if f.endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
             if not recursive:
                 break
         return sorted(found)

@@ -123,8 +123,10 @@ def draw_qc_png(image_file: str, mask_file: str, png_file: str) -> None:
     import matplotlib.pyplot as plt
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 
-    load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation("RAS")])
-    image, labels = (np.asarray(load(f)[0]) for f in (image_file, mask_file))
+    from scripts.transforms import image_reader
+
+    load, to_ras = LoadImage(image_only=True), Compose([EnsureChannelFirst(), Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))])
+    image, labels = (np.asarray(to_ras(load(f, image_reader(f)))[0]) for f in (image_file, mask_file))
     centre = [int(np.argmax((labels > 0).sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
     colours = ["#e41a1c", "#ffd92f", "#377eb8", "#4daf4a"]
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
