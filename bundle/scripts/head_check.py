@@ -1,10 +1,14 @@
 """Whole-head checks. There are no labelled heads here, so `check` measures what can be measured: the agreement of the
 masks of moved, reoriented, resampled and degraded copies of the MNI152 template with the template's own mask once
 each change is undone, and the time of each step. `compare` scores head masks against another tool's segmentations
-(FreeSurfer's or FastSurfer's aseg by default), for whoever has them.
+(FreeSurfer's or FastSurfer's aseg by default, DLMUSE's, or another tool's pair of masks), for whoever has them;
+`real_heads` runs both tools' comparison on a folder laid out as `../shared/data/real_heads`.
 
     python -m scripts.head_check check --output_dir /tmp/head_check
     python -m scripts.head_check compare --masks OUT --reference REF --reference_suffix /aseg.mgz
+    python -m scripts.head_check compare --masks OUT --reference REF --reference_suffix _dlmuse.nii.gz --left_labels 48 --right_labels 47
+    python -m scripts.head_check compare --masks OUT --reference HIPPODEEP --left_suffix _mask_L.nii.gz --right_suffix _mask_R.nii.gz --threshold 127
+    python -m scripts.head_check real_heads --data_dir ../../shared/data/real_heads --output_dir /tmp/real_heads
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from scripts.head import HEAD_LABELS, configured_segmenter
 from scripts.qc import dice
 
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+TIME_STEPS = ("read_s", "extraction_s", "registration_s", "segmentation_s", "writing_s")
 
 
 def rigid(angles_deg, translation) -> np.ndarray:
@@ -155,7 +160,8 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
             result = {"failed": str(e)}
         rows.append({"name": name, "change": description, "total_s": time.perf_counter() - start, **result})
     reference = in_template_grid(os.path.join(masks, "template_seg.nii.gz"), "template")
-    print("| copy | change | Dice left / right | eTIV cm3 | read / registration / segmentation / writing s | total s |")
+    print("| copy | change | Dice left / right | eTIV cm3 | read / extraction / registration / segmentation / writing s | "
+          "total s |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         if "failed" in row:
@@ -164,39 +170,62 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
         labels = in_template_grid(os.path.join(masks, f"{row['name']}_seg.nii.gz"), row["name"])
         for side, side_labels in HEAD_LABELS.items():
             row[f"dice_{side}"] = dice(np.isin(labels, side_labels), np.isin(reference, side_labels))
-        steps = " / ".join(f"{row[k]:.2f}" for k in ("read_s", "registration_s", "segmentation_s", "writing_s"))
+        steps = " / ".join(f"{row[k]:.2f}" for k in TIME_STEPS)
         print(f"| {row['name']} | {row['change']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "
               f"{row['etiv_mm3'] / 1000:.0f} | {steps} | {row['total_s']:.2f} |")
     return rows
 
 
-def compare(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,),
-            right_labels=(53,)) -> list[dict]:
-    """Dice per side (whole hippocampus) and volumes of each head mask `masks/<case>_seg.nii.gz` against
-    `reference/<case><reference_suffix>`, whose `left_labels` and `right_labels` mark the hippocampi (FreeSurfer's and
-    FastSurfer's aseg: 17 and 53). The reference is resampled to the mask's grid (nearest neighbour, world space)."""
-    left_labels, right_labels = (np.atleast_1d(labels).astype(int).tolist() for labels in (left_labels, right_labels))
+def label_sides(label_file: str, left_labels, right_labels) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each side's hippocampus in a label image (where its values are `left_labels` / `right_labels`), and its affine."""
+    image = nib.load(label_file)
+    labels = np.asarray(image.dataobj)
+    return {side: np.isin(labels, np.atleast_1d(ids).astype(int)) for side, ids in
+            (("left", left_labels), ("right", right_labels))}, image.affine
+
+
+def mask_sides(left_file: str, right_file: str, threshold: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each side's hippocampus from a pair of masks (where the value exceeds `threshold`), and their affine."""
+    images = {side: nib.load(f) for side, f in (("left", left_file), ("right", right_file))}
+    return {side: np.asarray(image.dataobj) > threshold for side, image in images.items()}, images["left"].affine
+
+
+def side_dice(sides: dict, affine: np.ndarray, reference: dict, reference_affine: np.ndarray) -> dict[str, float]:
+    """Dice of each side on the grid of `sides`, the reference resampled onto it (nearest neighbour, world space)."""
+    return {side: dice(inside, _nearest_on_grid(reference[side], reference_affine, affine, inside.shape))
+            for side, inside in sides.items()}
+
+
+def compare(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,), right_labels=(53,),
+            left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0) -> list[dict]:
+    """Dice per side (whole hippocampus) and volumes of each head mask `masks/<case>_seg.nii.gz` against a reference
+    on the mask's grid: a label image `reference/<case><reference_suffix>` whose `left_labels` and `right_labels` mark
+    the hippocampi (FreeSurfer's and FastSurfer's aseg: 17 and 53; DLMUSE: 48 and 47), or, with `left_suffix` and
+    `right_suffix`, a pair of masks `reference/<case><left_suffix>` and `<right_suffix>` holding the hippocampus where
+    the value exceeds `threshold` (hippodeep's: `_mask_L.nii.gz`, `_mask_R.nii.gz`, 127)."""
     rows = []
     for folder, _, files in sorted(os.walk(masks)):
         for name in sorted(f for f in files if f.endswith("_seg.nii.gz")):
             mask_file = os.path.join(folder, name)
             case = os.path.relpath(mask_file, masks)[: -len("_seg.nii.gz")]
-            reference_file = os.path.join(reference, case + reference_suffix)
-            if not os.path.isfile(reference_file):
+            base = os.path.join(reference, case)
+            if left_suffix and right_suffix:
+                if not (os.path.isfile(base + left_suffix) and os.path.isfile(base + right_suffix)):
+                    continue
+                truth, truth_affine = mask_sides(base + left_suffix, base + right_suffix, threshold)
+            elif os.path.isfile(base + reference_suffix):
+                truth, truth_affine = label_sides(base + reference_suffix, left_labels, right_labels)
+            else:
                 continue
-            mask, truth = nib.load(mask_file), nib.load(reference_file)
-            labels = np.asarray(mask.dataobj)
-            if labels.max() <= 2:
-                continue  # a crop's mask has no sides
-            truth_labels = np.asarray(truth.dataobj)
+            ours, affine = label_sides(mask_file, HEAD_LABELS["left"], HEAD_LABELS["right"])
+            if not ours["right"].any():
+                continue  # a crop's mask (labels 1 and 2) has no right side; a head's always has one
+            scores = side_dice(ours, affine, truth, truth_affine)
+            voxel, truth_voxel = (abs(np.linalg.det(a[:3, :3])) for a in (affine, truth_affine))
             row = {"case": case}
-            for side, ours, theirs in (("left", [1, 2], left_labels), ("right", [3, 4], right_labels)):
-                inside = np.isin(truth_labels, theirs)
-                mapped = _nearest_on_grid(inside, truth.affine, mask.affine, labels.shape)
-                predicted = np.isin(labels, ours)
-                voxel = abs(np.linalg.det(mask.affine[:3, :3]))
-                row.update({f"dice_{side}": dice(predicted, mapped), f"{side}_mm3": float(predicted.sum() * voxel),
-                            f"{side}_reference_mm3": float(inside.sum() * abs(np.linalg.det(truth.affine[:3, :3])))})
+            for side in ours:
+                row.update({f"dice_{side}": scores[side], f"{side}_mm3": float(ours[side].sum() * voxel),
+                            f"{side}_reference_mm3": float(truth[side].sum() * truth_voxel)})
             rows.append(row)
     print("| case | Dice left / right | volume left / right mm3 | reference left / right mm3 |")
     print("|---|---|---|---|")
@@ -229,16 +258,98 @@ def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.n
     return result
 
 
+REFERENCE_LABELS = {"_dlmuse.nii.gz": (48, 47), "_aseg.nii.gz": (17, 53)}  # left, right hippocampus
+
+
+def _reference_labels(labels_dir: str, case: str) -> tuple[str, tuple[int, int]] | None:
+    """`labels_dir/<case>_dlmuse.nii.gz` (DLMUSE) or `<case>_aseg.nii.gz` (FreeSurfer; for a FreeSurfer `<x>_brain`,
+    the subject's `<x>_aseg.nii.gz`), with its left and right hippocampus labels."""
+    stems = [case] + ([case[: -len("_brain")]] if case.endswith("_brain") else [])
+    for stem in stems:
+        for suffix, ids in REFERENCE_LABELS.items():
+            if os.path.isfile(os.path.join(labels_dir, stem + suffix)):
+                return os.path.join(labels_dir, stem + suffix), ids
+    return None
+
+
+def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml") -> list[dict]:
+    """Segments the real heads of `data_dir/images` (the layout of `../shared/data/real_heads`, see its README) and
+    prints, per head: Dice per side against the reference labels (`labels/`) and against hippodeep's masks
+    (`hippodeep/<case>_mask_L/R.nii.gz`, > 127), hippodeep's own Dice against the reference labels, eTIV beside
+    hippodeep's (`hippodeep/volumes.csv`), and the time of each step; start-up (configuration, weights) apart."""
+    import csv
+
+    start = time.perf_counter()
+    segmenter = configured_segmenter(config_file, output_dir)
+    startup_s = time.perf_counter() - start
+    with open(os.path.join(data_dir, "hippodeep", "volumes.csv"), newline="") as f:
+        hippodeep_etiv = {row["case_file"]: float(row["etiv_mm3"]) for row in csv.DictReader(f)}
+    rows = []
+    for name in sorted(f for f in os.listdir(os.path.join(data_dir, "images")) if f.endswith(".nii.gz")):
+        case = name[: -len(".nii.gz")]
+        start = time.perf_counter()
+        try:
+            result = segmenter(os.path.join(data_dir, "images", name))
+        except ValueError as e:
+            rows.append({"case": case, "failed": str(e), "total_s": time.perf_counter() - start})
+            continue
+        row = {"case": case, "total_s": time.perf_counter() - start, **result,
+               "hippodeep_etiv_mm3": hippodeep_etiv.get(name, float("nan"))}
+        ours, affine = label_sides(os.path.join(output_dir, f"{case}_seg.nii.gz"), *HEAD_LABELS.values())
+        prefix = os.path.join(data_dir, "hippodeep", case)
+        theirs, their_affine = mask_sides(prefix + "_mask_L.nii.gz", prefix + "_mask_R.nii.gz", 127)
+        row["vs_hippodeep"] = side_dice(ours, affine, theirs, their_affine)
+        reference = _reference_labels(os.path.join(data_dir, "labels"), case)
+        if reference:
+            truth, truth_affine = label_sides(reference[0], *reference[1])
+            row["vs_reference"] = side_dice(ours, affine, truth, truth_affine)
+            row["hippodeep_vs_reference"] = side_dice(theirs, their_affine, truth, truth_affine)
+        rows.append(row)
+    _print_real_heads(rows, startup_s)
+    return rows
+
+
+def _print_real_heads(rows: list[dict], startup_s: float) -> None:
+    def pair(scores: dict | None) -> str:
+        return f"{scores['left']:.3f} / {scores['right']:.3f}" if scores else ""
+
+    print("| head | Dice L / R vs reference | vs hippodeep | hippodeep vs reference | eTIV / hippodeep's cm3 | "
+          "read / extraction / registration / segmentation / writing s | total s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "failed" in row:
+            print(f"| {row['case']} | failed: {row['failed']} | | | | | {row['total_s']:.1f} |")
+            continue
+        etiv, theirs = row["etiv_mm3"] / 1000, row["hippodeep_etiv_mm3"] / 1000
+        print(f"| {row['case']} | {pair(row.get('vs_reference'))} | {pair(row['vs_hippodeep'])} | "
+              f"{pair(row.get('hippodeep_vs_reference'))} | {etiv:.0f} / {theirs:.0f} ({100 * (etiv / theirs - 1):+.1f}%) | "
+              f"{' / '.join(f'{row[k]:.1f}' for k in TIME_STEPS)} | {row['total_s']:.1f} |")
+    done = [row for row in rows if "failed" not in row]
+    print(f"{len(done)} of {len(rows)} heads segmented; start-up {startup_s:.1f} s; median {np.median([r['total_s'] for r in done]):.1f} s "
+          f"per head" if done else f"0 of {len(rows)} heads segmented")
+    for key, label in (("vs_reference", "ours vs reference"), ("hippodeep_vs_reference", "hippodeep vs reference"),
+                       ("vs_hippodeep", "ours vs hippodeep")):
+        scored = [row[key] for row in done if key in row]
+        if scored:
+            print(f"mean Dice left / right, {label}: {np.mean([s['left'] for s in scored]):.3f} / "
+                  f"{np.mean([s['right'] for s in scored]):.3f} (min {min(min(s.values()) for s in scored):.3f}, "
+                  f"{len(scored)} heads)")
+
+
 def _check_cli(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> None:
     check(output_dir, config_file, seed)  # prints the table once (fire would echo the rows again)
 
 
-def _compare_cli(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,),
-                 right_labels=(53,)) -> None:
-    compare(masks, reference, reference_suffix, left_labels, right_labels)
+def _compare_cli(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,), right_labels=(53,),
+                 left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0) -> None:
+    compare(masks, reference, reference_suffix, left_labels, right_labels, left_suffix, right_suffix, threshold)
+
+
+def _real_heads_cli(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml") -> None:
+    real_heads(data_dir, output_dir, config_file)
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"check": _check_cli, "compare": _compare_cli})
+    fire.Fire({"check": _check_cli, "compare": _compare_cli, "real_heads": _real_heads_cli})

@@ -37,13 +37,17 @@ class QualityCheck:
 
     Args:
         volume_range: {"anterior": [low, high], "posterior": [low, high]} in mm3 (`python -m scripts.qc reference`),
-            for one hippocampus (a crop, or one side of a head).
+            for one hippocampus (a crop, or one side of a head) of a head with eTIV `reference_etiv_mm3`.
         min_confidence: the confidence threshold (set on the development split).
+        reference_etiv_mm3: a head's ranges are scaled by its eTIV over this, so a large head is not flagged for
+            its size (crops have no eTIV and keep the ranges as they are).
     """
 
-    def __init__(self, volume_range: Mapping[str, Sequence[float]], min_confidence: float) -> None:
+    def __init__(self, volume_range: Mapping[str, Sequence[float]], min_confidence: float,
+                 reference_etiv_mm3: float = 1_500_000.0) -> None:
         self.volume_range = {part: tuple(float(v) for v in volume_range[part]) for part in PARTS}
         self.min_confidence = float(min_confidence)
+        self.reference_etiv_mm3 = float(reference_etiv_mm3)
 
     def row(self, case: str, mask_file: str, head: dict | None = None, confidence: float | None = None) -> dict:
         """The `volumes.csv` row of one written mask; `head` is the head segmenter's result, None for a crop."""
@@ -57,8 +61,9 @@ class QualityCheck:
         volumes = {name: float(counts[label]) * voxel for name, label in structures.items()}
         boxes = ndimage.find_objects(labels)  # each label's bounding box, where its pieces are counted (heads are large)
         reasons = []
+        scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
         for name, label in structures.items():
-            low, high = self.volume_range[name.split()[-1]]
+            low, high = (scale * v for v in self.volume_range[name.split()[-1]])
             if volumes[name] == 0:
                 reasons.append(f"{name} absent")
                 continue
