@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from dicom_series import write_dicom_series
-from scripts.head_check import TEMPLATE, dice, in_template_grid, make_heads
+from scripts.head_check import TEMPLATE, dice, in_template_grid, make_harder_heads, make_heads
 from test_inference import run_inference
 
-MIN_DICE = {"template": 0.99, "moved0": 0.99, "moved1": 0.99, "lps": 0.99, "aniso": 0.9, "2mm": 0.8, "dicom": 0.8}
+MIN_DICE = {"template": 0.99, "moved0": 0.99, "moved1": 0.99, "lps": 0.99, "aniso": 0.9, "2mm": 0.8, "dicom": 0.8,
+            "neck": 0.95, "cut_face_top": 0.95, "skull_stripped": 0.95, "freesurfer": 0.99}
+HARDER = ["neck", "cut_face_top", "skull_stripped", "freesurfer"]
+BRAIN_MASK = os.path.join(os.path.dirname(TEMPLATE), "mni_icbm152_brain_mask_2mm.nii.gz")
 
 
 def read_volumes(folder):
@@ -23,10 +26,12 @@ def read_volumes(folder):
 
 @pytest.fixture(scope="module")
 def head_run(synthetic_task, tmp_path_factory):
-    """One inference run over transformed heads, a DICOM head, a head of noise, an inverted head and a crop."""
+    """One inference run over transformed heads, a long neck, a field of view cut at the face and the top, a
+    skull-stripped brain, an `.mgz` copy, a DICOM head, a head of noise, an inverted head and a crop."""
     folder = tmp_path_factory.mktemp("heads")
     inputs, output = folder / "in", folder / "out"
     descriptions = make_heads(str(inputs))
+    descriptions.update(make_harder_heads(str(inputs), names=HARDER))
     two_mm = nib.load(str(inputs / "2mm.nii.gz"))
     corner = nib.affines.apply_affine(two_mm.affine, [two_mm.shape[0] - 1, two_mm.shape[1] - 1, 0])
     # DICOM rows run along LPS y and columns along LPS x: the RAS array reversed in x and y, transposed
@@ -61,8 +66,10 @@ def test_transformed_heads_agree_with_the_template_and_keep_their_sides(head_run
 def test_head_volumes_and_etiv_come_from_the_written_masks(head_run):
     inputs, output, descriptions, _, _ = head_run
     rows = read_volumes(output)
+    brain_mask = nib.load(BRAIN_MASK)
+    template_etiv = float(np.asarray(brain_mask.dataobj).sum()) * abs(np.linalg.det(brain_mask.affine[:3, :3]))
     for name in [*descriptions, "dicom"]:
-        case = "dicom" if name == "dicom" else f"{name}.nii.gz"
+        case = {"dicom": "dicom", "freesurfer": "freesurfer.mgz"}.get(name, f"{name}.nii.gz")
         row = rows[case]
         mask = nib.load(str(output / f"{name}_seg.nii.gz"))
         labels = np.asarray(mask.dataobj)
@@ -72,14 +79,15 @@ def test_head_volumes_and_etiv_come_from_the_written_masks(head_run):
         assert float(row["right_posterior_mm3"]) == pytest.approx((labels == 4).sum() * voxel, abs=0.1)
         assert float(row["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, abs=0.5)
         assert float(row["left_total_mm3"]) > 2000 and float(row["right_total_mm3"]) > 2000
-        # the template's own eTIV is the calibration constant; a resampled copy stays within 5%
-        assert float(row["etiv_mm3"]) == pytest.approx(1948106, rel=0.01 if name in ("template", "lps") else 0.05)
+        # eTIV is the brain mask's volume: the template's is that of its brain mask in atlas/; a changed copy's within 5%
+        exact = name in ("template", "lps", "freesurfer")
+        assert float(row["etiv_mm3"]) == pytest.approx(template_etiv, rel=0.01 if exact else 0.05), name
 
 
 def test_noise_and_non_t1_heads_are_named_failures_and_crop_stays_a_crop(head_run):
     inputs, output, _, result, log = head_run
     assert result.returncode != 0
-    assert "8 written, 2 failed" in log
+    assert f"{len(MIN_DICE) + 1} written, 2 failed" in log  # the heads of MIN_DICE and the crop
     assert any("noise.nii.gz" in line and "registration" in line for line in log.splitlines()), log[-3000:]
     assert any("inverted.nii.gz" in line and "T1" in line for line in log.splitlines()), log[-3000:]
     assert not (output / "noise_seg.nii.gz").exists() and not (output / "inverted_seg.nii.gz").exists()
@@ -171,3 +179,27 @@ def test_compare_scores_masks_against_a_freesurfer_style_reference(head_run, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| template | 1.000 / 1.000 |" in result.stdout
     assert "over 1 heads" in result.stdout  # the other masks have no reference
+
+
+def test_freesurfer_input_gets_a_nifti_mask_on_its_own_grid(head_run):
+    inputs, output, _, _, _ = head_run
+    mask, image = nib.load(str(output / "freesurfer_seg.nii.gz")), nib.load(str(inputs / "freesurfer.mgz"))
+    assert isinstance(mask, nib.Nifti1Image) and mask.shape == image.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(nib.load(str(output / "template_seg.nii.gz")).dataobj))
+
+
+def test_head_volume_ranges_scale_with_etiv(head_run):
+    """The template's hippocampi are as large as its head: flagged for their size only if the head were small."""
+    import yaml
+
+    from scripts.qc import QualityCheck
+
+    _, output, _, _, _ = head_run
+    with open(os.path.join(os.path.dirname(os.path.dirname(TEMPLATE)), "configs", "inference.yaml")) as f:
+        qc = yaml.safe_load(f)["qc"]
+    quality = QualityCheck(qc["volume_range"], qc["min_confidence"], qc["reference_etiv_mm3"])
+    mask = str(output / "template_seg.nii.gz")
+    etiv = float(read_volumes(output)["template.nii.gz"]["etiv_mm3"])
+    assert "outside" not in quality.row("template", mask, {"etiv_mm3": etiv}, 1.0)["qc_reasons"]
+    assert "outside" in quality.row("template", mask, {"etiv_mm3": etiv / 2}, 1.0)["qc_reasons"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -80,11 +81,13 @@ def make_heads(folder: str, seed: int = 0) -> dict[str, str]:
 
 NECK_MM = 120
 TOP_KEPT_MM = 150
+FACE_CUT_MM = 25
 
 
-def make_harder_heads(folder: str, seed: int = 0) -> dict[str, str]:
-    """Copies with what real scans add: a bias field, other contrast and noise, a neck, a cut-off top, smaller and
-    larger heads, a large tilt far from the scanner's origin; and two that must fail: noise, inverted contrast."""
+def make_harder_heads(folder: str, seed: int = 0, names: Sequence[str] | None = None) -> dict[str, str]:
+    """Copies with what real scans add: a bias field, other contrast and noise, a neck, a cut-off top, a field of
+    view cut at the face and the top, smaller and larger heads, a large tilt far from the scanner's origin, no skull,
+    a FreeSurfer `.mgz` file; and two that must fail: noise, inverted contrast. `names` writes only those."""
     template = nib.load(TEMPLATE)
     data = np.asarray(template.dataobj, dtype=np.float32)
     rng = np.random.default_rng(seed)
@@ -105,6 +108,8 @@ def make_harder_heads(folder: str, seed: int = 0) -> dict[str, str]:
                      "gamma 1.5 and noise"),
         "neck": (np.concatenate([below * 0.9, below * 0.8, data], 2), neck_affine, f"{NECK_MM} mm of 'neck' below"),
         "cut_top": (data[:, :, :TOP_KEPT_MM], template.affine, f"only the lowest {TOP_KEPT_MM} mm"),
+        "cut_face_top": (data[:, :-FACE_CUT_MM, :TOP_KEPT_MM], template.affine,
+                         f"field of view cut {FACE_CUT_MM} mm into the face and above {TOP_KEPT_MM} mm"),
         "tilted_far": (data, rigid([25, -10, 5], [40, -60, 80]) @ template.affine, "rotated 25 deg, 110 mm away"),
         "pitched35": (data, rigid([35, 0, 0], [0, 0, 0]) @ template.affine, "nodded 35 deg"),
         "turned40": (data, rigid([0, 0, 40], [0, 0, 0]) @ template.affine, "turned 40 deg"),
@@ -118,9 +123,15 @@ def make_harder_heads(folder: str, seed: int = 0) -> dict[str, str]:
     heads["axial_5mm"] = (axial.get_fdata(dtype=np.float32), axial.affine, "clinical axial, 0.5x0.5x5 mm")
     heads["noise"] = (rng.random((160, 192, 160)).astype(np.float32) * 100, np.eye(4), "noise (must fail)")
     heads["inverted"] = (255 - data, template.affine, "inverted contrast, T2-like (must fail)")
+    heads["freesurfer"] = (data, template.affine, "FreeSurfer .mgz file")
+    heads = {name: head for name, head in heads.items() if names is None or name in names}
+    os.makedirs(folder, exist_ok=True)
     for name, (array, affine, _) in heads.items():
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.float32), affine),
-                 os.path.join(folder, f"{name}.nii.gz"))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if name == "freesurfer":
+            nib.save(nib.MGHImage(array, affine), os.path.join(folder, f"{name}.mgz"))
+        else:
+            nib.save(nib.Nifti1Image(array, affine), os.path.join(folder, f"{name}.nii.gz"))
     return {name: description for name, (_, _, description) in heads.items()}
 
 
@@ -129,15 +140,16 @@ def in_template_grid(mask_file: str, name: str) -> np.ndarray:
     resampled copies)."""
     mask = nib.load(mask_file)
     labels = np.asarray(mask.dataobj)
-    if name in ("template", "bias", "contrast", "tilted_far", "pitched35", "turned40", "skull_stripped") or \
+    if name in ("template", "bias", "contrast", "tilted_far", "pitched35", "turned40", "skull_stripped", "freesurfer") or \
             name.startswith(("moved", "scaled")):
         return labels  # the template's voxels: only the header moved them
     if name == "lps":
         return labels[::-1, ::-1]
     if name == "neck":
         return labels[:, :, NECK_MM:]
-    if name == "cut_top":
-        return np.pad(labels, [(0, 0), (0, 0), (0, nib.load(TEMPLATE).shape[2] - labels.shape[2])])
+    if name in ("cut_top", "cut_face_top"):
+        shape = nib.load(TEMPLATE).shape
+        return np.pad(labels, [(0, 0), (0, shape[1] - labels.shape[1]), (0, shape[2] - labels.shape[2])])
     template = nib.load(TEMPLATE)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in template.shape], indexing="ij"), 0).reshape(3, -1)
     to_mask = np.linalg.inv(mask.affine) @ template.affine
@@ -155,7 +167,7 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
     for name, description in descriptions.items():
         start = time.perf_counter()
         try:
-            result = segmenter(os.path.join(inputs, f"{name}.nii.gz"))
+            result = segmenter(os.path.join(inputs, f"{name}.mgz" if name == "freesurfer" else f"{name}.nii.gz"))
         except ValueError as e:
             result = {"failed": str(e)}
         rows.append({"name": name, "change": description, "total_s": time.perf_counter() - start, **result})
