@@ -27,7 +27,8 @@ def read_volumes(folder):
 @pytest.fixture(scope="module")
 def head_run(synthetic_task, tmp_path_factory):
     """One inference run over transformed heads, a long neck, a field of view cut at the face and the top, a
-    skull-stripped brain, an `.mgz` copy, a DICOM head, a head of noise, an inverted head and a crop."""
+    skull-stripped brain, an `.mgz` copy, a DICOM head, a crop, and three that must fail: a head of noise, an
+    inverted head, a field of view that misses the hippocampi."""
     folder = tmp_path_factory.mktemp("heads")
     inputs, output = folder / "in", folder / "out"
     descriptions = make_heads(str(inputs))
@@ -42,6 +43,11 @@ def head_run(synthetic_task, tmp_path_factory):
     template = nib.load(TEMPLATE)
     inverted = 255.0 - np.asarray(template.dataobj, dtype=np.float32)  # a T2-like contrast: registers, but is no T1
     nib.save(nib.Nifti1Image(inverted, template.affine), str(inputs / "inverted.nii.gz"))
+    below = 70  # the field of view starts 2 mm above the hippocampi's centres: their boxes lie half outside it
+    cut_affine = template.affine.copy()
+    cut_affine[:3, 3] = nib.affines.apply_affine(template.affine, [0, 0, below])
+    nib.save(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32)[:, :, below:], cut_affine),
+             str(inputs / "above_hippocampi.nii.gz"))
     crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
     shutil.copy(crop, inputs / "crop.nii.gz")
     result = run_inference(inputs, output)
@@ -84,13 +90,15 @@ def test_head_volumes_and_etiv_come_from_the_written_masks(head_run):
         assert float(row["etiv_mm3"]) == pytest.approx(template_etiv, rel=0.01 if exact else 0.05), name
 
 
-def test_noise_and_non_t1_heads_are_named_failures_and_crop_stays_a_crop(head_run):
+def test_noise_non_t1_and_cut_heads_are_named_failures_and_crop_stays_a_crop(head_run):
     inputs, output, _, result, log = head_run
     assert result.returncode != 0
-    assert f"{len(MIN_DICE) + 1} written, 2 failed" in log  # the heads of MIN_DICE and the crop
+    assert f"{len(MIN_DICE) + 1} written, 3 failed" in log  # the heads of MIN_DICE and the crop
     assert any("noise.nii.gz" in line and "registration" in line for line in log.splitlines()), log[-3000:]
     assert any("inverted.nii.gz" in line and "T1" in line for line in log.splitlines()), log[-3000:]
-    assert not (output / "noise_seg.nii.gz").exists() and not (output / "inverted_seg.nii.gz").exists()
+    assert any("above_hippocampi.nii.gz" in line and "outside the image" in line for line in log.splitlines()), log[-3000:]
+    for name in ("noise", "inverted", "above_hippocampi"):
+        assert not (output / f"{name}_seg.nii.gz").exists()
     assert "Traceback" not in log
     rows = read_volumes(output)
     assert rows["crop.nii.gz"]["kind"] == "crop" and rows["crop.nii.gz"]["etiv_mm3"] == ""
@@ -157,8 +165,10 @@ def test_configured_box_centres_are_where_the_model_finds_the_template_hippocamp
         np.testing.assert_allclose(found[side], configured[side], atol=0.5)
 
 
-def test_compare_scores_masks_against_a_freesurfer_style_reference(head_run, tmp_path):
-    """An aseg-like reference made from the template's own mask, stored in another voxel order: Dice 1 on both sides."""
+@pytest.mark.parametrize("reference", ["aseg", "dlmuse", "mask_pair"])
+def test_compare_scores_masks_against_other_tools_references(head_run, tmp_path, reference):
+    """References made from the template's own mask, stored in another voxel order: FreeSurfer's aseg (17/53, the
+    subject's `aseg.mgz`), DLMUSE's ids (48/47) and a pair of left/right masks (hippodeep's, 0/255): Dice 1."""
     import subprocess
     import sys
 
@@ -167,15 +177,30 @@ def test_compare_scores_masks_against_a_freesurfer_style_reference(head_run, tmp
     _, output, _, _, _ = head_run
     mask = nib.load(str(output / "template_seg.nii.gz"))
     labels = np.asarray(mask.dataobj)
-    aseg = np.select([np.isin(labels, [1, 2]), np.isin(labels, [3, 4])], [17, 53], 0).astype(np.int16)
+    left, right = np.isin(labels, [1, 2]), np.isin(labels, [3, 4])
     flip = np.diag([-1.0, 1.0, -1.0, 1.0])
     flip[[0, 2], 3] = np.array(labels.shape)[[0, 2]] - 1
-    (tmp_path / "ref" / "template").mkdir(parents=True)
-    nib.save(nib.Nifti1Image(aseg[::-1, :, ::-1].copy(), mask.affine @ flip), str(tmp_path / "ref" / "template" / "aseg.nii.gz"))
+    folder = tmp_path / "ref"
+    folder.mkdir()
+
+    def save(array, name):
+        kind = nib.MGHImage if name.endswith(".mgz") else nib.Nifti1Image
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        nib.save(kind(array[::-1, :, ::-1].astype(np.int32), mask.affine @ flip), str(folder / name))
+
+    if reference == "mask_pair":
+        save(left * 255, "template_mask_L.nii.gz")
+        save(right * 255, "template_mask_R.nii.gz")
+        options = ["--left_suffix", "_mask_L.nii.gz", "--right_suffix", "_mask_R.nii.gz", "--threshold", "127"]
+    elif reference == "aseg":  # FreeSurfer's subject layout and its default labels
+        save(np.select([left, right], [17, 53], 0), "template/aseg.mgz")
+        options = ["--reference_suffix", "/aseg.mgz"]
+    else:
+        save(np.select([left, right], [48, 47], 0), "template_dlmuse.nii.gz")
+        options = ["--reference_suffix", "_dlmuse.nii.gz", "--left_labels", "48", "--right_labels", "47"]
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.head_check", "compare", "--masks", str(output), "--reference",
-         str(tmp_path / "ref"), "--reference_suffix", "/aseg.nii.gz"],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "scripts.head_check", "compare", "--masks", str(output), "--reference", str(folder),
+         *options], cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| template | 1.000 / 1.000 |" in result.stdout
     assert "over 1 heads" in result.stdout  # the other masks have no reference
@@ -203,3 +228,18 @@ def test_head_volume_ranges_scale_with_etiv(head_run):
     etiv = float(read_volumes(output)["template.nii.gz"]["etiv_mm3"])
     assert "outside" not in quality.row("template", mask, {"etiv_mm3": etiv}, 1.0)["qc_reasons"]
     assert "outside" in quality.row("template", mask, {"etiv_mm3": etiv / 2}, 1.0)["qc_reasons"]
+
+
+def test_registration_checks_reject_implausible_maps():
+    from scripts.localisation import HeadError, Registration, TemplateRegistration
+
+    registration = TemplateRegistration(TEMPLATE, BRAIN_MASK)
+    registration.check(Registration(np.eye(3), np.zeros(3), 0.5, 0.6, 1.5e6))
+    for matrix, mutual_information, correlation, reason in [
+        (np.diag([-1.0, 1.0, 1.0]), 0.5, 0.6, "mirrors the head"),
+        (np.diag([1.0, 1.0, 1.6]), 0.5, 0.6, "implausible"),
+        (np.eye(3), 0.1, 0.6, "mutual information"),
+        (np.eye(3), 0.5, -0.3, "does not look like a T1"),
+    ]:
+        with pytest.raises(HeadError, match=reason):
+            registration.check(Registration(matrix, np.zeros(3), mutual_information, correlation, 1.5e6))
