@@ -83,7 +83,7 @@ def test_zip_layout_and_no_junk(release):
     required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
                 "models/model.pt", "models/model_tf.pt", "large_files.yml", "scripts/vnet.py", "scripts/__init__.py",
                 "LICENSE", "atlas/NOTICE.txt",
-                "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_head_mask_2mm.nii.gz"}
+                "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_brain_mask_2mm.nii.gz"}
     if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):
         required.add("docs/README.md")
     assert required <= rel, required - rel
