@@ -176,7 +176,7 @@ class TemplateRegistration:
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(0.2, 1)
+        method.SetMetricSamplingPercentage(0.1, 1)
         method.SetMetricFixedMask(self.metric_mask)
         method.SetInterpolator(sitk.sitkLinear)
         return method
@@ -195,7 +195,8 @@ class TemplateRegistration:
 
     def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
         method = self._method()
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=100,
+        method.SetMetricSamplingPercentagePerLevel([0.2 if level > 1 else 0.1 for level in shrink], 1)
+        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=50,
                                                         relaxationFactor=0.5)
         method.SetOptimizerScalesFromPhysicalShift()
         method.SetShrinkFactorsPerLevel(shrink)
