@@ -26,7 +26,6 @@ NOT_RUN = {
     "--source github": "needs the internet (GitHub release)",
     "--nnodes=2": "needs two machines",
     "scripts.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
-    "scripts.head_check real_heads": "a measurement on ../shared/data/real_heads; tests/test_real_heads.py runs its parts",
 }
 # shortened through the command line: flag -> value (replaced where the command sets it, else appended)
 SHORTER = {
