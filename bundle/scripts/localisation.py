@@ -20,11 +20,16 @@ class HeadError(ValueError):
 
 
 def resample_isotropic(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) -> sitk.Image:
-    """`image` smoothed (anti-aliasing, where its voxels are at least 20% finer) and resampled to `spacing` mm in its
-    own orientation."""
-    sigmas = [max(spacing - s, 0.0) / 2 for s in image.GetSpacing()]
-    if interpolator == sitk.sitkLinear and max(sigmas) >= 0.1 * spacing:
-        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigmas])
+    """`image` resampled to `spacing` mm in its own orientation. Going down, it is first averaged over whole blocks
+    of voxels (`BinShrink`, fast on 0.5 mm heads), then smoothed where its voxels are still at least 20% finer
+    (anti-aliasing)."""
+    if interpolator == sitk.sitkLinear:
+        factors = [max(1, int(spacing / s + 1e-3)) for s in image.GetSpacing()]
+        if max(factors) > 1:
+            image = sitk.BinShrink(image, factors)
+        sigmas = [max(spacing - s, 0.0) / 2 for s in image.GetSpacing()]
+        if max(sigmas) >= 0.1 * spacing:
+            image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigmas])
     size = [max(1, int(round(n * s / spacing))) for n, s in zip(image.GetSize(), image.GetSpacing())]
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), [spacing] * 3,
                          image.GetDirection(), 0.0, image.GetPixelID())
