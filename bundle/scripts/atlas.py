@@ -30,8 +30,7 @@ def build(nilearn_data: str, output_dir: str = "atlas") -> None:
     os.makedirs(output_dir, exist_ok=True)
     shutil.copyfile(os.path.join(nilearn_data, TEMPLATE), os.path.join(output_dir, TEMPLATE))
     _, mask = BrainExtraction()(sitk.ReadImage(os.path.join(output_dir, TEMPLATE), sitk.sitkFloat32))
-    mask = sitk.Resample(mask, resample_isotropic(mask, 2.0, sitk.sitkNearestNeighbor), sitk.Transform(),
-                         sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    mask = resample_isotropic(mask, 2.0, sitk.sitkNearestNeighbor)
     sitk.WriteImage(mask, os.path.join(output_dir, BRAIN_MASK), useCompression=True)
     print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{BRAIN_MASK} ({int(sitk.GetArrayViewFromImage(mask).sum())} "
           "voxels of 8 mm3)")

@@ -56,8 +56,9 @@ def check_output_dir(output_dir: str) -> str:
 
 
 class Inputs:
-    """The NIfTI and FreeSurfer (`.mgz`, `.mgh`) files and DICOM series folders of `dataset_dir` (its `imagesTs/` for an MSD task folder), at any
-    depth with `recursive`; each one's mask goes to the same relative folder under `output_dir`.
+    """The NIfTI and FreeSurfer (`.mgz`, `.mgh`) files and DICOM series folders of `dataset_dir` (its `imagesTs/`
+    for an MSD task folder), at any depth with `recursive`; each one's mask goes to the same relative folder under
+    `output_dir`.
 
     Args:
         dataset_dir: the input folder.

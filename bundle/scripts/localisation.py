@@ -140,8 +140,8 @@ def _normalised_brain(image: sitk.Image, mask: sitk.Image, spacing: float) -> tu
 
 
 class TemplateRegistration:
-    """An affine registration of a scan's extracted brain to the MNI152 2009a template's brain (the
-    same network's mask of the template): centres of mass of the two masks; the best of 27 coarse rotations (0 and
+    """An affine registration of a scan's extracted brain to the MNI152 2009a template's brain (the same network's
+    mask of the template): centres of mass of the two masks; the best of 27 coarse rotations (0 and
     +-30 degrees about each axis, for tilted heads); a similarity, then an affine stage. Mattes mutual information
     near the template's brain, coarse to fine, fixed random sampling (deterministic). Neck, shoulders, fat, a cut
     field of view or a missing skull do not reach the metric.
@@ -156,9 +156,9 @@ class TemplateRegistration:
         etiv_range_mm3: a brain mask outside it is no head's intracranial volume (a failed extraction).
     """
 
-    def __init__(self, template_file: str, brain_mask_file: str, spacing: float = 2.0, min_mutual_information: float = 0.25, min_correlation: float = 0.2,
-                 scale_range: Sequence[float] = (0.7, 1.4),
-                 etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0)) -> None:
+    def __init__(self, template_file: str, brain_mask_file: str, spacing: float = 2.0,
+                 min_mutual_information: float = 0.25, min_correlation: float = 0.2,
+                 scale_range: Sequence[float] = (0.7, 1.4), etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0)) -> None:
         self.template_file = template_file
         self.brain_mask_file = brain_mask_file
         self.spacing = spacing

@@ -130,7 +130,8 @@ def draw_qc_png(image_file: str, mask_file: str, png_file: str) -> None:
 
     from scripts.transforms import image_reader
 
-    load, to_ras = LoadImage(image_only=True), Compose([EnsureChannelFirst(), Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))])
+    load = LoadImage(image_only=True)
+    to_ras = Compose([EnsureChannelFirst(), Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))])
     image, labels = (np.asarray(to_ras(load(f, image_reader(f)))[0]) for f in (image_file, mask_file))
     centre = [int(np.argmax((labels > 0).sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
     colours = ["#e41a1c", "#ffd92f", "#377eb8", "#4daf4a"]
