@@ -127,12 +127,24 @@ def make_harder_heads(folder: str, seed: int = 0, names: Sequence[str] | None = 
     heads = {name: head for name, head in heads.items() if names is None or name in names}
     os.makedirs(folder, exist_ok=True)
     for name, (array, affine, _) in heads.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if name == "freesurfer":
-            nib.save(nib.MGHImage(array, affine), os.path.join(folder, f"{name}.mgz"))
-        else:
-            nib.save(nib.Nifti1Image(array, affine), os.path.join(folder, f"{name}.nii.gz"))
+        image_class = nib.MGHImage if name == "freesurfer" else nib.Nifti1Image
+        nib.save(image_class(np.ascontiguousarray(array, dtype=np.float32), affine), head_file(folder, name))
     return {name: description for name, (_, _, description) in heads.items()}
+
+
+def head_file(folder: str, name: str) -> str:
+    """The file of the copy `name` in `folder`: `.mgz` for the FreeSurfer copy, NIfTI for the others."""
+    return os.path.join(folder, f"{name}.mgz" if name == "freesurfer" else f"{name}.nii.gz")
+
+
+def segment_timed(segmenter, image_file: str) -> dict:
+    """The segmenter's result for one head with its `total_s`, or `failed` (the reason) and `total_s`."""
+    start = time.perf_counter()
+    try:
+        result = segmenter(image_file)
+    except ValueError as e:
+        result = {"failed": str(e)}
+    return {**result, "total_s": time.perf_counter() - start}
 
 
 def in_template_grid(mask_file: str, name: str) -> np.ndarray:
@@ -165,12 +177,7 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
     segmenter = configured_segmenter(config_file, masks)
     rows = []
     for name, description in descriptions.items():
-        start = time.perf_counter()
-        try:
-            result = segmenter(os.path.join(inputs, f"{name}.mgz" if name == "freesurfer" else f"{name}.nii.gz"))
-        except ValueError as e:
-            result = {"failed": str(e)}
-        rows.append({"name": name, "change": description, "total_s": time.perf_counter() - start, **result})
+        rows.append({"name": name, "change": description, **segment_timed(segmenter, head_file(inputs, name))})
     reference = in_template_grid(os.path.join(masks, "template_seg.nii.gz"), "template")
     print("| copy | change | Dice left / right | eTIV cm3 | read / extraction / registration / segmentation / writing s | "
           "total s |")
@@ -299,14 +306,11 @@ def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/infer
     rows = []
     for name in sorted(f for f in os.listdir(os.path.join(data_dir, "images")) if f.endswith(".nii.gz")):
         case = name[: -len(".nii.gz")]
-        start = time.perf_counter()
-        try:
-            result = segmenter(os.path.join(data_dir, "images", name))
-        except ValueError as e:
-            rows.append({"case": case, "failed": str(e), "total_s": time.perf_counter() - start})
+        row = {"case": case, **segment_timed(segmenter, os.path.join(data_dir, "images", name))}
+        rows.append(row)
+        if "failed" in row:
             continue
-        row = {"case": case, "total_s": time.perf_counter() - start, **result,
-               "hippodeep_etiv_mm3": hippodeep_etiv.get(name, float("nan"))}
+        row["hippodeep_etiv_mm3"] = hippodeep_etiv.get(name, float("nan"))
         ours, affine = label_sides(os.path.join(output_dir, f"{case}_seg.nii.gz"), *HEAD_LABELS.values())
         prefix = os.path.join(data_dir, "hippodeep", case)
         theirs, their_affine = mask_sides(prefix + "_mask_L.nii.gz", prefix + "_mask_R.nii.gz", 127)
@@ -316,7 +320,6 @@ def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/infer
             truth, truth_affine = label_sides(reference[0], *reference[1])
             row["vs_reference"] = side_dice(ours, affine, truth, truth_affine)
             row["hippodeep_vs_reference"] = side_dice(theirs, their_affine, truth, truth_affine)
-        rows.append(row)
     _print_real_heads(rows, startup_s)
     return rows
 

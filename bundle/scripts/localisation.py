@@ -53,9 +53,9 @@ class BrainExtraction:
 
     def _load(self):
         """deepbet's networks, loaded on first use so that runs without heads never read them."""
-        from deepbet.bet import BrainExtraction as DeepBet
-
         if self._networks is None:
+            from deepbet.bet import BrainExtraction as DeepBet
+
             self._networks = DeepBet(no_gpu=self.device.type != "cuda")
             for network in (self._networks.model, self._networks.bbox_model):
                 network.to(self.device)
@@ -89,6 +89,7 @@ class BrainExtraction:
         with autocast:
             box_probability = networks.bbox_model(normalize(small, low, high)[None, None])[0, 1].float()
         box_mask = keep_largest_connected_component((box_probability > 0.5).float().cpu().numpy())
+        # deepbet's postprocess reads the box from its `bbox`
         networks.bbox = box = networks.get_bbox_with_margin(torch.from_numpy(box_mask), image.shape, 0.1)
         inside = F.interpolate(image[box][None, None], (256,) * 3, mode="nearest-exact")[0, 0]
         with autocast:
@@ -126,9 +127,7 @@ class Registration:
 def _normalised_brain(image: sitk.Image, mask: sitk.Image, spacing: float) -> tuple[sitk.Image, sitk.Image]:
     """The brain's intensities scaled to its 99th percentile (0 outside the mask), and the mask, at `spacing` mm,
     in the mask's bounding box with a margin of `spacing`."""
-    inside = sitk.GetArrayViewFromImage(mask) > 0
-    if not inside.any():
-        raise HeadError("brain extraction found no brain (is this a T1-weighted head?)")
+    inside = sitk.GetArrayViewFromImage(mask) > 0  # not empty: the eTIV range check comes first
     corners = np.argwhere(inside)
     start = np.maximum(corners.min(0) - 2, 0)[::-1]  # numpy z, y, x -> SimpleITK x, y, z
     size = np.minimum(corners.max(0) + 3, inside.shape)[::-1] - start
