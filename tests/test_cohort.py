@@ -125,7 +125,7 @@ def json_version():
 def test_flat_run_ignores_sub_folders_and_empty_input_is_an_error(bids, tmp_path):
     result = run_inference(bids, tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["top_seg.nii.gz", "volumes.csv"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["qc", "report.html", "top_seg.nii.gz", "volumes.csv"]
     again = run_inference(bids, tmp_path / "out")  # every case skipped: not an error
     assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
     empty = tmp_path / "empty"
@@ -183,7 +183,7 @@ def test_case_stream_reads_cases_only_as_they_are_consumed():
 
 
 def test_inputs_skip_an_output_folder_inside_the_input_folder(tmp_path):
-    from scripts.inference import Inputs
+    from scripts.inputs import Inputs
 
     scans = tmp_path / "scans"
     (scans / "sub-01").mkdir(parents=True)
@@ -195,5 +195,8 @@ def test_inputs_skip_an_output_folder_inside_the_input_folder(tmp_path):
     assert inputs.paths == [str(scans / "sub-01" / "T1w.nii.gz")]
     assert inputs.mask_path(inputs.paths[0]) == str(out / "sub-01" / "T1w_seg.nii.gz")
     assert inputs.pending() == []  # its mask exists
-    with pytest.raises(BundleError, match="is a file"):
-        Inputs(str(scans / "sub-01" / "T1w.nii.gz"), str(out))
+    single = Inputs(str(scans / "sub-01" / "T1w.nii.gz"), str(out))  # one scan is an input too
+    assert single.paths == [str(scans / "sub-01" / "T1w.nii.gz")]
+    assert single.mask_path(single.paths[0]) == str(out / "T1w_seg.nii.gz")
+    with pytest.raises(BundleError, match="does not exist"):
+        Inputs(str(scans / "missing.nii.gz"), str(out))

@@ -2,6 +2,7 @@
 order, on a copy of the bundle: placeholders (D, IN, OUT, N, ...) become synthetic data, and training runs are cut
 to one epoch through the command line. Commands that cannot run here are listed in NOT_RUN with the reason."""
 
+import csv
 import glob
 import json
 import math
@@ -31,6 +32,8 @@ NOT_RUN = {
 SHORTER = {
     "monai.bundle run training": {"--epochs": "1"},
     "scripts.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
+    "scripts.qc robustness": {"--cases": "2", "--degradations": "clean,2mm,5mm_slices_z"},
+    "scripts.report time": {"--cases": "3"},
 }
 # shortened through the environment
 SHORTER_ENV = {"scripts/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "0", "BATCH": "2", "WORKERS": "0",
@@ -112,6 +115,7 @@ def workspace(tmp_path_factory, synthetic_task):
     bids = root / "bids" / "sub-01" / "anat"
     bids.mkdir(parents=True)
     shutil.copy(sorted(glob.glob(str(scans / "*.nii.gz")))[0], bids / "sub-01_T1w.nii.gz")
+    (root / "bids" / "dataset_description.json").write_text(json.dumps({"Name": "synthetic", "BIDSVersion": "1.10.0"}))
     schema = os.path.join(REPO_DIR, "..", "shared", "monai", "meta_schema_20240725.json")
     (root / "schema").mkdir()
     if os.path.isfile(schema):
@@ -178,7 +182,8 @@ def test_documented_command_runs(where, command, workspace):
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{where}: {shlex.join(words)}\n{log[-4000:]}"
     if writes_masks:
-        assert glob.glob(os.path.join(out, "**", "*_seg.nii.gz"), recursive=True) and "0 failed" in log, log[-2000:]
+        assert glob.glob(os.path.join(out, "**", "*seg.nii.gz"), recursive=True) and "0 failed" in log, log[-2000:]
+        assert os.path.isfile(os.path.join(out, "report.html")) or "--report false" in command
     if "run training" in command:
         assert re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log), log[-2000:]
     if "scripts.check_dataset" in command:
@@ -187,6 +192,13 @@ def test_documented_command_runs(where, command, workspace):
         assert "Evaluation of" in log, log[-2000:]
     if "scripts.benchmark" in command or "gpu_benchmark.sh" in command:
         check_benchmark_results(command, words, workspace, log, before)
+    if "scripts.qc robustness" in command:
+        with open(os.path.join(out, "robustness.csv"), newline="") as f:
+            table = list(csv.DictReader(f))
+        assert [row["degradation"] for row in table] == SHORTER["scripts.qc robustness"]["--degradations"].split(",")
+        assert all(0 <= float(row["dice_posterior"]) <= 1 for row in table) and "5mm_slices_z" in result.stdout
+    if "scripts.report time" in command:
+        assert os.path.getsize(os.path.join(out, "report.html")) > 0 and "pictures_s" in result.stdout
     if "scripts.package" in command:
         workspace["zip"] = result.stdout.strip().splitlines()[-1]
 

@@ -17,6 +17,10 @@ from conftest import BUNDLE_DIR
 from dicom_series import write_dicom_series
 
 
+# what every run writes beside the masks: the volumes table, the cohort report and its QC pictures
+RUN_FILES = ("volumes.csv", "report.html", "qc")
+
+
 def run_inference(input_dir, output_dir, *extra, config="configs/inference.yaml"):
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", config,
@@ -91,7 +95,7 @@ def test_bad_file_is_named_and_others_are_written(scans, tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "broken.nii.gz" in log and "3 written, 1 failed" in log
-    written = sorted(name for name in os.listdir(tmp_path / "out") if name != "volumes.csv")
+    written = sorted(name for name in os.listdir(tmp_path / "out") if name not in RUN_FILES)
     assert written == sorted(name.replace(".nii.gz", "_seg.nii.gz") for name in good)
 
 
@@ -140,7 +144,7 @@ def test_broken_inputs_are_each_named_with_a_reason(scans, tmp_path):
     for name, reason in [("truncated.nii.gz", ""), ("nan.nii.gz", "NaN"), ("constant.nii.gz", "constant"),
                          ("two volumes.nii.gz", "2 volume")]:
         assert any(name in line and reason in line for line in log.splitlines()), (name, log[-3000:])
-    written = sorted(name for name in os.listdir(tmp_path / "out") if name != "volumes.csv")
+    written = sorted(name for name in os.listdir(tmp_path / "out") if name not in RUN_FILES)
     expected = [name.replace(".nii.gz", "_seg.nii.gz") for name in good + ["one volume 4d.nii.gz"]]
     assert written == sorted(expected)
     assert "Traceback" not in log

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.data import MetaTensor
+from monai.data import FolderLayoutBase, MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, SaveImage
 from scipy import ndimage
@@ -83,8 +83,7 @@ class HeadSegmenter:
         registration: a `TemplateRegistration` of the extracted brain.
         box_centers: `{"left": [x, y, z], "right": [x, y, z]}`, MNI mm.
         box_size: box side lengths in mm for a head of the template's size.
-        output_dir: where masks are written.
-        data_root_dir: the input folder, whose sub-folders the masks' folders mirror.
+        folder_layout: where each head's mask is written (`scripts.inputs.Inputs` in a bundle run).
         device: where the network runs.
         amp: fp16 autocast on CUDA.
         min_side_volume_mm3: a side whose hippocampus is smaller is reported as failed (empty segmentation).
@@ -95,7 +94,7 @@ class HeadSegmenter:
 
     def __init__(self, network: torch.nn.Module, inferer: Inferer, preprocessing: Compose,
                  brain_extraction: BrainExtraction, registration: TemplateRegistration, box_centers: Mapping[str, Sequence[float]],
-                 box_size: Sequence[float], output_dir: str, data_root_dir: str = "",
+                 box_size: Sequence[float], folder_layout: FolderLayoutBase,
                  device: torch.device | str = "cpu", amp: bool = False,
                  min_side_volume_mm3: float = 1000.0, max_fragment_fraction: float = 0.1,
                  min_box_coverage: float = 0.9) -> None:
@@ -113,8 +112,7 @@ class HeadSegmenter:
         self.min_box_coverage = min_box_coverage
         self.load = LoadImaged("image")
         self.checked = Compose([EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
-        self.save = SaveImage(output_dir=output_dir, data_root_dir=data_root_dir, output_postfix="seg",
-                              output_ext=".nii.gz", output_dtype=np.uint8, separate_folder=False, resample=False,
+        self.save = SaveImage(folder_layout=folder_layout, output_ext=".nii.gz", output_dtype=np.uint8, resample=False,
                               print_log=False)
 
     def __call__(self, path: str) -> dict:
@@ -235,11 +233,24 @@ class HeadSegmenter:
         foreground[region] = np.where(winner, side_foreground, foreground[region])
 
 
+class FlatFolder(FolderLayoutBase):
+    """`output_dir/<case>_seg.nii.gz`, whichever folder the head comes from."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+
+    def filename(self, subject: str, idx=None, **kwargs) -> str:
+        from scripts.inputs import case_name
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        return os.path.join(self.output_dir, f"{case_name(subject)}_seg.nii.gz")
+
+
 def configured_segmenter(config_file: str, output_dir: str) -> HeadSegmenter:
     """The head segmenter of an inference config, with its weights loaded, writing to `output_dir` (no input folder
     to mirror): for the commands that segment heads outside a bundle run (`scripts.atlas`, `scripts.head_check`)."""
     from scripts.recipe import load
 
-    parser = load(BUNDLE_DIR, [config_file], {"output_dir": output_dir, "head#segmenter#data_root_dir": ""})
+    parser = load(BUNDLE_DIR, [config_file], {"head#segmenter#folder_layout": FlatFolder(output_dir)})
     parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
     return parser.get_parsed_content("head#segmenter")

@@ -3,9 +3,9 @@ and its bundle CLI neither finds nested inputs, nor shards them across processes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -13,111 +13,13 @@ import torch.distributed as dist
 from monai.data import DataLoader, Dataset, list_data_collate
 from monai.utils import look_up_option
 
-from scripts import BundleError
+from scripts import BundleError, bids
 from scripts.head import input_kind
+from scripts.inputs import Inputs, check_output_dir
 from scripts.qc import QualityCheck, draw_qc_png, write_volumes
-from scripts.transforms import FREESURFER_SUFFIXES
+from scripts.report import write_report
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".nii", ".nii.gz", *FREESURFER_SUFFIXES)
-
-
-def case_name(path: str) -> str:
-    """`<case>` of `<case>_seg.nii.gz`: the file name without its extension, or the series folder's name."""
-    name = os.path.basename(os.path.normpath(path))
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_dicom_series(folder: str) -> bool:
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, "rb") as f:
-            header = f.read(132)
-        if header[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-            return True
-    return False
-
-
-def check_output_dir(output_dir: str) -> str:
-    """Create `output_dir` and make sure it is writable, before any work is done."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise BundleError(f"Output folder {output_dir} is not writable: {e.strerror or e}.") from None
-    return output_dir
-
-
-class Inputs:
-    """The NIfTI and FreeSurfer (`.mgz`, `.mgh`) files and DICOM series folders of `dataset_dir` (its `imagesTs/`
-    for an MSD task folder), at any depth with `recursive`; each one's mask goes to the same relative folder under
-    `output_dir`.
-
-    Args:
-        dataset_dir: the input folder.
-        output_dir: where masks, `volumes.csv` and QC pictures go (created when the run starts).
-        recursive: also look in sub-folders (a folder of DICOM files is one series and is not searched further).
-    """
-
-    def __init__(self, dataset_dir: str, output_dir: str, recursive: bool = False) -> None:
-        if not os.path.isdir(dataset_dir):
-            problem = "is a file: --dataset_dir takes the folder that holds it" if os.path.isfile(dataset_dir) else "does not exist"
-            raise BundleError(f"Input folder {dataset_dir} {problem}.")
-        self.dataset_dir = dataset_dir
-        msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs"))
-        self.root = os.path.join(dataset_dir, "imagesTs") if msd else dataset_dir
-        self.output_dir = output_dir
-        self.paths = self._find(recursive)
-        if not self.paths:
-            raise BundleError(f"No NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series to segment in {self.root}.")
-
-    def _find(self, recursive: bool) -> list[str]:
-        found = []
-        output = os.path.realpath(self.output_dir)
-        for folder, subfolders, files in os.walk(self.root):
-            # hidden folders and the output folder (which may lie inside the input folder) hold no inputs
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
-                                   and os.path.realpath(os.path.join(folder, d)) != output)
-            for name in list(subfolders):
-                path = os.path.join(folder, name)
-                if _is_dicom_series(path):
-                    found.append(path)
-                    subfolders.remove(name)
-            found += [os.path.join(folder, f) for f in files if f.endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
-            if not recursive:
-                break
-        return sorted(found)
-
-    def case(self, path: str) -> str:
-        """The input's path relative to `dataset_dir`: the `case` column of `volumes.csv`."""
-        return os.path.relpath(path, self.dataset_dir)
-
-    def _relative_folder(self, path: str) -> str:
-        return os.path.dirname(os.path.relpath(path, self.root))
-
-    def mask_path(self, path: str) -> str:
-        return os.path.join(self.output_dir, self._relative_folder(path), f"{case_name(path)}_seg.nii.gz")
-
-    def qc_png_path(self, path: str) -> str:
-        return os.path.join(self.output_dir, "qc", self._relative_folder(path), f"{case_name(path)}.png")
-
-    def pending(self, overwrite: bool = False) -> list[dict[str, str]]:
-        """Inputs still to segment: those whose mask exists are skipped (and logged) unless `overwrite`."""
-        cases = []
-        for path in self.paths:
-            if os.path.exists(self.mask_path(path)) and not overwrite:
-                logger.warning(f"{self.case(path)}: skipped, {self.mask_path(path)} exists (use --overwrite true).")
-                continue
-            cases.append({"image": path})
-        return cases
-
 
 def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[dict]]:
     """Crop and head cases: by field of view (`scripts.head.input_kind`) for `auto`, or all of one `kind`."""
@@ -238,11 +140,22 @@ def run(inputs: Inputs, evaluator, crops: CaseStream, heads: HeadCases) -> None:
         heads.run()
 
 
+def _draw_picture(image: str, mask: str, png: str) -> None:
+    """The QC picture of a case; one that cannot be drawn is logged, its mask and row stand."""
+    try:
+        draw_qc_png(image, mask, png)
+    except Exception as e:  # a picture is an aid, never a reason to lose the run's table
+        logger.warning(f"{image}: no QC picture, {_reason(e)}")
+
+
 def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: ConfidenceRecorder, quality: QualityCheck,
-           qc_png: bool = False, dicom_seg_metadata: str | None = None) -> None:
-    """Writes `volumes.csv`, QC pictures with `qc_png` and, with `dicom_seg_metadata` (the bundle's metadata.json),
-    a DICOM SEG beside the mask of each DICOM series; logs one summary line covering every process's cases, and
-    exits non-zero when any case failed or its mask (or SEG) is missing."""
+           metadata_file: str, qc_png: bool = False, dicom_seg: bool = False, html_report: bool = True) -> None:
+    """Writes the volumes table, QC pictures (with `qc_png` or `html_report`), for DICOM series with `dicom_seg` a
+    DICOM SEG beside the mask, for the BIDS layout the derivative's dataset files and each mask's sidecar, and with
+    `html_report` the cohort report; logs one summary line covering every process's cases, and exits non-zero when
+    any case failed or its mask (or SEG) is missing. `metadata_file` (the bundle's metadata.json) names the bundle."""
+    with open(metadata_file, encoding="utf-8") as f:
+        metadata = json.load(f)
     failed = crops.failures + heads.failures
     failed_images = {image for image, _ in failed}
     rows = []
@@ -256,13 +169,17 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
             continue
         head = heads.results.get(image)
         rows.append(quality.row(inputs.case(image), mask, head, head["confidence"] if head else confidence.values.get(image)))
-        if qc_png:
-            draw_qc_png(image, mask, inputs.qc_png_path(image))
-        if dicom_seg_metadata and os.path.isdir(image):
+        if qc_png or html_report:
+            _draw_picture(image, mask, inputs.qc_png_path(image))
+        if inputs.bids:
+            bids.write_sidecar(mask, image, inputs.root, metadata["version"], rows[-1], head)
+            if rows[-1]["kind"] == "crop":  # the dataset's look-up table is of heads' labels
+                bids.write_look_up(mask[: -len(".nii.gz")] + ".tsv", "crop")
+        if dicom_seg and os.path.isdir(image):
             from scripts.dicom_seg import write_dicom_seg
 
             try:
-                write_dicom_seg(image, mask, mask[: -len(".nii.gz")] + ".dcm", rows[-1]["kind"], dicom_seg_metadata)
+                write_dicom_seg(image, mask, mask[: -len(".nii.gz")] + ".dcm", rows[-1]["kind"], metadata_file)
             except Exception as e:  # the mask stands; the series is reported
                 failed.append((image, f"no DICOM SEG: {_reason(e)}"))
                 logger.error(f"{image}: no DICOM SEG, {_reason(e)}")
@@ -275,11 +192,22 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
             if failed:
                 raise BundleError(f"{len(failed)} case(s) failed; rank 0 lists them.")
             return
-    write_volumes(inputs, rows, quality)
+    table_file, table = write_volumes(inputs, rows, quality)
+    if inputs.bids:
+        bids.write_dataset_files(inputs.output_dir, inputs.root, metadata_file)
+    if html_report:
+        pictures = {}
+        for image in inputs.paths:
+            mask, png = inputs.mask_path(image), inputs.qc_png_path(image)
+            if os.path.isfile(mask) and not os.path.isfile(png):  # segmented by an earlier run
+                _draw_picture(image, mask, png)
+            pictures[inputs.case(image)] = png
+        write_report(os.path.join(inputs.output_dir, "report.html"), table,
+                     [(inputs.case(image), reason) for image, reason in failed], pictures,
+                     f"{metadata['name']} {metadata['version']}: {inputs.dataset_dir}")
     flagged = sum(row["qc"] == "review" for row in rows)
     logger.info(f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
-                f"in volumes.csv, output in {inputs.output_dir}.")
+                f"in {os.path.basename(table_file)}, output in {inputs.output_dir}.")
     if failed:
         lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
         raise BundleError(f"{len(failed)} case(s) failed:\n{lines}")
-

@@ -93,14 +93,35 @@ class QualityCheck:
         return row
 
 
-def write_volumes(inputs, rows: Sequence[dict], quality: QualityCheck) -> None:
-    """`volumes.csv` in `inputs.output_dir`, written atomically: one row per input whose mask is on disk, from `rows`
-    (this run), else from the earlier file, else computed from the mask (a case skipped because its mask exists)."""
-    path = os.path.join(inputs.output_dir, "volumes.csv")
+def _fraction_columns() -> list[str]:
+    return [f"{side}_{part}_etiv_fraction" for side in HEAD_LABELS for part in (*PARTS, "total")]
+
+
+def _bids_row(row: dict) -> dict:
+    """A `volumes.tsv` row: the participant and session first, each side's volumes also as a fraction of eTIV, n/a
+    for what does not apply."""
+    from scripts.bids import entities
+
+    labels = entities(row["case"])
+    etiv = float(row["etiv_mm3"]) if row.get("etiv_mm3") else None
+    fractions = {column: f"{float(row[column.replace('_etiv_fraction', '_mm3')]) / etiv:.6g}"
+                 for column in _fraction_columns() if etiv and row.get(column.replace("_etiv_fraction", "_mm3"))}
+    bids_row = {"participant_id": f"sub-{labels['sub']}", "session_id": f"ses-{labels['ses']}" if "ses" in labels else "",
+                **row, **fractions}
+    return {key: value if value != "" else "n/a" for key, value in bids_row.items()}
+
+
+def write_volumes(inputs, rows: Sequence[dict], quality: QualityCheck) -> tuple[str, list[dict]]:
+    """The volumes table in `inputs.output_dir`, `volumes.csv` (`volumes.tsv` in the BIDS layout), written atomically:
+    one row per input whose mask is on disk, from `rows` (this run), else from the earlier file, else computed from
+    the mask (a case skipped because its mask exists). Returns the file and its rows (as `QualityCheck.row`'s)."""
+    path = os.path.join(inputs.output_dir, "volumes.tsv" if inputs.bids else "volumes.csv")
+    delimiter = "\t" if inputs.bids else ","
     earlier = {}
     if os.path.isfile(path):
         with open(path, newline="", encoding="utf-8") as f:
-            earlier = {row["case"]: row for row in csv.DictReader(f)}
+            earlier = {row["case"]: {key: "" if value == "n/a" else value for key, value in row.items()}
+                       for row in csv.DictReader(f, delimiter=delimiter)}
     now = {row["case"]: row for row in rows}
     table = []
     for image in inputs.paths:
@@ -114,10 +135,13 @@ def write_volumes(inputs, rows: Sequence[dict], quality: QualityCheck) -> None:
                 table.append(quality.row(case, mask))
             except Exception as e:  # an unreadable old mask loses its row, not the table
                 logger.warning(f"{mask}: no volumes ({type(e).__name__}: {e})")
+    columns = ["participant_id", "session_id", *VOLUME_COLUMNS, *_fraction_columns()] if inputs.bids else VOLUME_COLUMNS
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="n/a" if inputs.bids else "", extrasaction="ignore",
+                                delimiter=delimiter, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(table)
+        writer.writerows([_bids_row(row) for row in table] if inputs.bids else table)
+    return path, table
 
 
 def draw_qc_png(image_file: str, mask_file: str, png_file: str) -> None:
@@ -244,4 +268,6 @@ def _summarise(results: list[dict]) -> dict:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"reference": reference, "evaluate": evaluate})
+    from scripts.robustness import robustness
+
+    fire.Fire({"reference": reference, "evaluate": evaluate, "robustness": robustness})

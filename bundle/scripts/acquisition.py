@@ -1,0 +1,53 @@
+"""Other acquisitions simulated on a 1 mm scan: MONAI's RandSimulateLowResolution has one isotropic, aliased zoom only."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.transforms import GaussianSmooth, MapTransform, RandomizableTransform
+
+
+def simulate_voxel_size(image: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
+    """`image` (channel first, 3D) as if acquired with voxels `factors` times larger along each axis, on its own grid:
+    anti-aliased (a Gaussian of sigma (factor - 1) / 2 voxels, scikit-image's rule), sampled down, then trilinearly back up."""
+    if all(f <= 1.0 for f in factors):
+        return image
+    sigma = [max(float(f) - 1.0, 0.0) / 2.0 for f in factors]
+    blurred = torch.as_tensor(GaussianSmooth(sigma=sigma)(image), dtype=torch.float32)
+    size = image.shape[1:]
+    coarse = [max(round(n / max(float(f), 1.0)), 1) for n, f in zip(size, factors)]
+    low = F.interpolate(blurred[None], size=coarse, mode="trilinear", align_corners=False)
+    return F.interpolate(low, size=list(size), mode="trilinear", align_corners=False)[0].to(image.dtype)
+
+
+class RandAcquisitiond(RandomizableTransform, MapTransform):
+    """With probability `prob`, a lower resolution on 1 mm `keys`: one random axis (the slice axis) gets a voxel size
+    uniform in [1, `max_slice_mm`], the other two share one uniform in [1, `max_in_plane_mm`]: from 2 mm 3D scans to
+    clinical 5 mm slices. The image keeps its mean and standard deviation, as z-scoring the degraded scan would give."""
+
+    def __init__(self, keys, prob: float = 0.4, max_slice_mm: float = 5.0, max_in_plane_mm: float = 2.5) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.max_slice_mm, self.max_in_plane_mm = max_slice_mm, max_in_plane_mm
+        self.factors = [1.0, 1.0, 1.0]
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        in_plane = self.R.uniform(1.0, self.max_in_plane_mm)
+        self.factors = [in_plane] * 3
+        self.factors[self.R.randint(3)] = self.R.uniform(1.0, self.max_slice_mm)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            low = simulate_voxel_size(image, self.factors)
+            d[key] = (low - low.mean()) / low.std().clamp_min(1e-6) * image.std() + image.mean()
+        return d

@@ -1,0 +1,186 @@
+"""The cohort report, `report.html`: one self-contained page to review a run's cases, flagged and failed ones first,
+which MONAI does not write.
+
+    python -m scripts.report time --cases 1000 --output_dir OUT   # what the report adds to a run of 1,000 crops
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import os
+from collections.abc import Mapping, Sequence
+
+from scripts import atomic_write
+
+OK_COLOUR, FLAGGED_COLOUR = "#1f77b4", "#d62728"
+SIDES = ("left", "right")
+# each case's picture is put in its <img> when it scrolls into view: a page of 1,000 cases opens at once
+LAZY_SCRIPT = """
+const observer = new IntersectionObserver((entries) => entries.forEach((entry) => {
+  if (entry.isIntersecting) { entry.target.src = entry.target.dataset.src; observer.unobserve(entry.target); }
+}), {rootMargin: "800px"});
+document.querySelectorAll("img[data-src]").forEach((img) => observer.observe(img));
+"""
+STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 2em; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; font-size: 13px; }
+tr.review { background: #fde2e1; } tr.failed { background: #f8c4c0; }
+img { width: 600px; min-height: 40px; display: block; }
+.plots svg { width: 480px; height: auto; margin-right: 1em; }
+.summary span { margin-right: 2em; font-size: 18px; }
+"""
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _svg(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _scatter(ax, points: Sequence[tuple[float, float, bool]], label: str, marker: str = "o") -> None:
+    for flagged in (False, True):
+        chosen = [(x, y) for x, y, f in points if f == flagged]
+        if chosen:
+            ax.scatter(*zip(*chosen), s=30 if flagged else 14, marker=marker, alpha=0.8,
+                       c=FLAGGED_COLOUR if flagged else OK_COLOUR, label=f"{label}{' (flagged)' if flagged else ''}")
+
+
+def plots(rows: Sequence[Mapping]) -> list[str]:
+    """SVG plots: for heads, each side's hippocampus against eTIV and left against right; for crops, anterior
+    against posterior; flagged cases in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = [r for r in rows if r["kind"] == "head" and _float(r.get("etiv_mm3"))]
+    crops = [r for r in rows if r["kind"] == "crop"]
+    figures = []
+    if heads:
+        figure, ax = plt.subplots(figsize=(5, 4))
+        for side, marker in zip(SIDES, ("o", "^")):
+            _scatter(ax, [(float(r["etiv_mm3"]) / 1000, float(r[f"{side}_total_mm3"]), r["qc"] == "review") for r in heads],
+                     side, marker)
+        ax.set(xlabel="eTIV (cm³)", ylabel="hippocampus (mm³)", title="Each side against eTIV")
+        ax.legend(fontsize=8)
+        figures.append(_svg(figure))
+        figure, ax = plt.subplots(figsize=(5, 4))
+        _scatter(ax, [(float(r["left_total_mm3"]), float(r["right_total_mm3"]), r["qc"] == "review") for r in heads], "case")
+        limits = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+        ax.plot(limits, limits, color="#999", linewidth=0.8)
+        ax.set(xlabel="left (mm³)", ylabel="right (mm³)", title="Left against right")
+        ax.legend(fontsize=8)
+        figures.append(_svg(figure))
+    if crops:
+        figure, ax = plt.subplots(figsize=(5, 4))
+        _scatter(ax, [(float(r["anterior_mm3"]), float(r["posterior_mm3"]), r["qc"] == "review") for r in crops], "crop")
+        ax.set(xlabel="anterior (mm³)", ylabel="posterior (mm³)", title="Crops: anterior against posterior")
+        ax.legend(fontsize=8)
+        figures.append(_svg(figure))
+    return figures
+
+
+def _picture(png_file: str | None, lazy: bool) -> str:
+    if not png_file or not os.path.isfile(png_file):
+        return ""
+    with open(png_file, "rb") as f:
+        source = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+    return f'<img data-src="{source}" alt="QC picture">' if lazy else f'<img src="{source}" alt="QC picture">'
+
+
+def _volumes(row: Mapping) -> str:
+    if row["kind"] == "head":
+        text = ", ".join(f"{side} {float(row[f'{side}_total_mm3']):.0f}" for side in SIDES)
+        etiv = _float(row.get("etiv_mm3"))
+        return text + (f" mm³; eTIV {etiv / 1000:.0f} cm³" if etiv else " mm³")
+    return f"anterior {float(row['anterior_mm3']):.0f}, posterior {float(row['posterior_mm3']):.0f} mm³"
+
+
+def _case_row(row: Mapping, picture: str) -> str:
+    return (f'<tr class="{row["qc"]}"><td>{html.escape(row["case"])}</td><td>{row["kind"]}</td><td>{row["qc"]}</td>'
+            f'<td>{html.escape(row["qc_reasons"])}</td><td>{_volumes(row)}</td><td>{row.get("confidence", "")}</td>'
+            f"<td>{picture}</td></tr>")
+
+
+HEADER = "<tr><th>case</th><th>kind</th><th>QC</th><th>reasons</th><th>volumes</th><th>confidence</th><th>picture</th></tr>"
+
+
+def write_report(path: str, rows: Sequence[Mapping], failures: Sequence[tuple[str, str]],
+                 pictures: Mapping[str, str], title: str) -> None:
+    """`path`: a summary, the plots, the failed and flagged cases with their reasons and pictures, then every case.
+
+    Args:
+        rows: the volumes table's rows (`scripts.qc.QualityCheck.row`).
+        failures: (case, reason) of the cases that failed.
+        pictures: each case's QC picture (PNG), embedded in the page.
+        title: the page's title (the bundle's name and version).
+    """
+    flagged = [r for r in rows if r["qc"] == "review"]
+    failed_rows = "".join(f'<tr class="failed"><td>{html.escape(case)}</td><td></td><td>failed</td>'
+                          f"<td>{html.escape(reason)}</td><td></td><td></td><td></td></tr>" for case, reason in failures)
+    flagged_rows = "".join(_case_row(r, _picture(pictures.get(r["case"]), lazy=False)) for r in flagged)
+    all_rows = "".join(_case_row(r, _picture(pictures.get(r["case"]), lazy=True)) for r in rows)
+    created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>Written {created}.</p>
+<p class="summary"><span id="cases">{len(rows) + len(failures)} cases</span><span id="failed">{len(failures)} failed</span>
+<span id="flagged">{len(flagged)} flagged for review</span></p>
+<div class="plots">{"".join(plots(rows))}</div>
+<h2>Failed and flagged</h2>
+<table id="review">{HEADER}{failed_rows}{flagged_rows}</table>
+<h2>All cases</h2>
+<table id="all">{HEADER}{all_rows}</table>
+<script>{LAZY_SCRIPT}</script>
+</body></html>
+"""
+    with atomic_write(path, "w") as f:
+        f.write(page)
+
+
+def time_report(cases: int = 1000, output_dir: str = "eval/report_time") -> dict:
+    """What the report adds to a run of `cases` synthetic crops (their labels stand in for masks): drawing their QC
+    pictures (`scripts.qc.draw_qc_png`) and writing `report.html`; prints and returns seconds and the page's size."""
+    import time
+
+    from scripts.qc import QualityCheck, draw_qc_png
+    from scripts.synthetic import make_synthetic_dataset
+
+    task = make_synthetic_dataset(os.path.join(output_dir, "task"), num_cases=cases)
+    quality = QualityCheck({"anterior": [1054.0, 2477.0], "posterior": [993.0, 2169.0]}, min_confidence=0.95)
+    images = sorted(os.listdir(os.path.join(task, "imagesTr")))
+    rows = [quality.row(name, os.path.join(task, "labelsTr", name), confidence=0.96) for name in images]
+    pictures = {name: os.path.join(output_dir, "qc", name.replace(".nii.gz", ".png")) for name in images}
+    start = time.perf_counter()
+    for name in images:
+        draw_qc_png(os.path.join(task, "imagesTr", name), os.path.join(task, "labelsTr", name), pictures[name])
+    pictures_s = time.perf_counter() - start
+    start = time.perf_counter()
+    write_report(os.path.join(output_dir, "report.html"), rows, [], pictures, f"{cases} synthetic crops")
+    result = {"cases": cases, "pictures_s": round(pictures_s, 1), "page_s": round(time.perf_counter() - start, 1),
+              "page_mb": round(os.path.getsize(os.path.join(output_dir, "report.html")) / 2**20, 1)}
+    print(result)
+    return result
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"time": time_report}, serialize=lambda result: None)
