@@ -146,10 +146,7 @@ def write_volumes(inputs, rows: Sequence[dict], quality: QualityCheck) -> tuple[
 
 def draw_qc_png(image_file: str, mask_file: str, png_file: str) -> None:
     """Three orthogonal slices (RAS), each the one holding most of the mask, with each label outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 
     from scripts.transforms import image_reader
@@ -159,19 +156,21 @@ def draw_qc_png(image_file: str, mask_file: str, png_file: str) -> None:
     image, labels = (np.asarray(to_ras(load(f, image_reader(f)))[0]) for f in (image_file, mask_file))
     centre = [int(np.argmax((labels > 0).sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
     colours = ["#e41a1c", "#ffd92f", "#377eb8", "#4daf4a"]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for axis, (ax, title) in enumerate(zip(axes, ("sagittal", "coronal", "axial"))):
+    # a bare Figure with fixed margins and no axes: no pyplot state and no tight-box pass (twice as fast)
+    figure = Figure(figsize=(12, 4.4))
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.86, wspace=0.05)
+    for axis, title in enumerate(("sagittal", "coronal", "axial")):
+        ax = figure.add_subplot(1, 3, axis + 1)
+        ax.set_axis_off()
         picture, outline = np.take(image, centre[axis], axis).T, np.take(labels, centre[axis], axis).T
         ax.imshow(picture, cmap="gray", origin="lower")
         for label in range(1, int(labels.max()) + 1):
             if (outline == label).any():
                 ax.contour(outline == label, levels=[0.5], colors=colours[(label - 1) % 4], linewidths=1)
-        ax.set_title(f"{title} {centre[axis]}")
-        ax.axis("off")
+        ax.set_title(f"{title} {centre[axis]}", y=1.0)
     figure.suptitle(os.path.basename(mask_file))
     os.makedirs(os.path.dirname(png_file), exist_ok=True)
-    figure.savefig(png_file, dpi=80, bbox_inches="tight")
-    plt.close(figure)
+    figure.savefig(png_file, dpi=80)
 
 
 def _split_cases(dataset_dir: str, split: str) -> list[dict[str, str]]:
