@@ -86,7 +86,7 @@ def write_dataset_files(output_dir: str, source_dir: str, metadata_file: str) ->
     with open(metadata_file, encoding="utf-8") as f:
         metadata = json.load(f)
     description = {
-        "Name": f"{metadata['name']}: hippocampus segmentation",
+        "Name": f"{metadata['name']}: masks and volumes",
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
         "Authors": [metadata["authors"]],

@@ -97,7 +97,8 @@ class Inputs(FolderLayoutBase):
             self.paths = self._find(recursive)
         if not self.paths:
             kinds = "sub-*/[ses-*/]anat/*_T1w.nii[.gz] images" if self.bids else "NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series"
-            raise BundleError(f"No {kinds} to segment in {dataset_dir}.")
+            hint = f" (read as BIDS, from {self.root}; --output_layout mirror reads it as a plain folder)" if self.bids else ""
+            raise BundleError(f"No {kinds} to segment in {dataset_dir}{hint}.")
 
     def _find(self, recursive: bool) -> list[str]:
         found = []
