@@ -155,7 +155,7 @@ def chromium(*args):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian's package, installed by .ci/run): the report is not rendered")
-def test_report_shows_the_flagged_case_first_and_both_plots(bids_run, tmp_path):
+def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_run, tmp_path):
     """The run's own table with one case marked for review and one failure, rendered by Chromium: the flagged row,
     its picture, and both plots with the flagged case in red are on the screen."""
     from PIL import Image
@@ -168,9 +168,11 @@ def test_report_shows_the_flagged_case_first_and_both_plots(bids_run, tmp_path):
         row.update(qc="ok", qc_reasons="")
     flagged = rows[1]["case"]
     rows[1].update(qc="review", qc_reasons="left anterior 900 mm3 outside 1000-2400")
-    pictures = {row["case"]: str(bids_run / row["case"].split("/")[0] / "figures" /
-                                 os.path.basename(row["case"]).replace("_T1w.nii.gz", "_desc-hippocampus_dseg.png"))
-                for row in rows}
+    from scripts.inputs import Inputs
+
+    inputs = Inputs(str(bids_dataset), str(bids_run))
+    pictures = {inputs.case(path): inputs.qc_png_path(path) for path in inputs.paths}
+    assert sorted(pictures) == sorted(row["case"] for row in rows) and all(map(os.path.isfile, pictures.values()))
     report = tmp_path / "report.html"
     write_report(str(report), rows, [("sub-03/anat/sub-03_T1w.nii.gz", "ValueError: noise")], pictures, "test")
     page = report.read_text()

@@ -80,11 +80,9 @@ def derivative_name(path: str) -> str:
     return "_".join(kept + [f"desc-{DESC}", "dseg"])
 
 
-def write_dataset_files(output_dir: str, source_dir: str, metadata_file: str) -> None:
+def write_dataset_files(output_dir: str, source_dir: str, metadata: dict) -> None:
     """The derivative dataset's `dataset_description.json`, README, `.bidsignore` and the look-up table of heads'
-    labels, `desc-hippocampus_dseg.tsv` (a crop's mask has its own beside it)."""
-    with open(metadata_file, encoding="utf-8") as f:
-        metadata = json.load(f)
+    labels, `desc-hippocampus_dseg.tsv` (a crop's mask has its own beside it); `metadata`: the bundle's metadata.json."""
     description = {
         "Name": f"{metadata['name']}: masks and volumes",
         "BIDSVersion": "1.10.0",

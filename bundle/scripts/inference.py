@@ -194,7 +194,7 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
             return
     table_file, table = write_volumes(inputs, rows, quality)
     if inputs.bids:
-        bids.write_dataset_files(inputs.output_dir, inputs.root, metadata_file)
+        bids.write_dataset_files(inputs.output_dir, inputs.root, metadata)
     if html_report:
         pictures = {}
         for image in inputs.paths:

@@ -203,6 +203,13 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
+def segment_folder(images: str, masks: str, *overrides: str, check: bool = True) -> None:
+    """The README's inference command on `images`, masks to `masks` (overwritten, no report), with `overrides`."""
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+                    "--dataset_dir", images, "--output_dir", masks, "--overwrite", "true", "--report", "false",
+                    *overrides], check=check)
+
+
 def evaluate(dataset_dir: str, split: str = "validation", output_dir: str = "eval/qc", keep_largest: bool | None = None) -> dict:
     """Runs configs/inference.yaml on a split's images (with `--keep_largest` when given)
     and measures, against the labels in each image's grid: Dice per case, the QC flags (Dice of flagged and
@@ -216,11 +223,8 @@ def evaluate(dataset_dir: str, split: str = "validation", output_dir: str = "eva
         if not os.path.lexists(link):
             os.symlink(case["image"], link)
     masks = os.path.join(output_dir, "masks")
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-               "--dataset_dir", images, "--output_dir", masks, "--overwrite", "true"]
-    if keep_largest is not None:
-        command += ["--keep_largest", str(keep_largest).lower()]
-    subprocess.run(command, check=False)
+    segment_folder(images, masks, *(["--keep_largest", str(keep_largest).lower()] if keep_largest is not None else []),
+                   check=False)
     with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
         rows = {row["case"]: row for row in csv.DictReader(f)}
     results = []

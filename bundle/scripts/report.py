@@ -169,11 +169,13 @@ def time_report(cases: int = 1000, output_dir: str = "eval/report_time") -> dict
     pictures (`scripts.qc.draw_qc_png`) and writing `report.html`; prints and returns seconds and the page's size."""
     import time
 
-    from scripts.qc import QualityCheck, draw_qc_png
+    from scripts import BUNDLE_DIR
+    from scripts.qc import draw_qc_png
+    from scripts.recipe import load
     from scripts.synthetic import make_synthetic_dataset
 
     task = make_synthetic_dataset(os.path.join(output_dir, "task"), num_cases=cases)
-    quality = QualityCheck({"anterior": [1054.0, 2477.0], "posterior": [993.0, 2169.0]}, min_confidence=0.95)
+    quality = load(BUNDLE_DIR, ["configs/inference.yaml"], {}).get_parsed_content("qc")
     images = sorted(os.listdir(os.path.join(task, "imagesTr")))
     rows = [quality.row(name, os.path.join(task, "labelsTr", name), confidence=0.96) for name in images]
     pictures = {name: os.path.join(output_dir, "qc", name.replace(".nii.gz", ".png")) for name in images}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -63,7 +61,7 @@ def robustness(dataset_dir: str, split: str = "validation", output_dir: str = "e
         cases: only the split's first `cases` scans.
         degradations: a comma-separated subset of `DEGRADATIONS` (all by default).
     """
-    from scripts.qc import PARTS, _split_cases, dice
+    from scripts.qc import PARTS, _split_cases, dice, segment_folder
 
     chosen = degradations.split(",") if isinstance(degradations, str) else list(degradations or DEGRADATIONS)
     unknown = sorted(set(chosen) - set(DEGRADATIONS))
@@ -80,11 +78,7 @@ def robustness(dataset_dir: str, split: str = "validation", output_dir: str = "e
             degraded = DEGRADATIONS[name](image, spacing, rng).astype(np.float32)
             os.makedirs(os.path.join(images, name), exist_ok=True)
             nib.save(nib.Nifti1Image(degraded, scan.affine), os.path.join(images, name, os.path.basename(case["image"])))
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-               "--dataset_dir", images, "--output_dir", masks, "--recursive", "true", "--overwrite", "true", "--report", "false"]
-    if ckpt_file:
-        command += ["--ckpt_file", os.path.abspath(ckpt_file)]
-    subprocess.run(command, check=True)
+    segment_folder(images, masks, "--recursive", "true", *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else []))
 
     per_case = []
     for case in split_cases:
