@@ -246,11 +246,12 @@ class FlatFolder(FolderLayoutBase):
         return os.path.join(self.output_dir, f"{case_name(subject)}_seg.nii.gz")
 
 
-def configured_segmenter(config_file: str, output_dir: str) -> HeadSegmenter:
-    """The head segmenter of an inference config, with its weights loaded, writing to `output_dir` (no input folder
-    to mirror): for the commands that segment heads outside a bundle run (`scripts.atlas`, `scripts.head_check`)."""
+def configured_segmenter(config_file: str, output_dir: str, overrides: dict | None = None) -> HeadSegmenter:
+    """The head segmenter of an inference config with `overrides` (config ids), its weights loaded, writing to
+    `output_dir` (no input folder to mirror): for the commands that segment heads outside a bundle run
+    (`scripts.atlas`, `scripts.head_check`)."""
     from scripts.recipe import load
 
-    parser = load(BUNDLE_DIR, [config_file], {"head#segmenter#folder_layout": FlatFolder(output_dir)})
+    parser = load(BUNDLE_DIR, [config_file], {**(overrides or {}), "head#segmenter#folder_layout": FlatFolder(output_dir)})
     parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
     return parser.get_parsed_content("head#segmenter")

@@ -215,46 +215,111 @@ def side_dice(sides: dict, affine: np.ndarray, reference: dict, reference_affine
             for side, inside in sides.items()}
 
 
+BORDER_COLUMNS = ("dice", "amygdala_fp_share", "anterior_mm", "posterior_mm", "tail_missed")
+
+
+def border_scores(inside: np.ndarray, affine: np.ndarray, reference: np.ndarray, reference_affine: np.ndarray,
+                  amygdala: np.ndarray | None = None) -> dict[str, float]:
+    """Where one side's mask departs from the reference hippocampus, on the mask's grid (the reference resampled onto
+    it, nearest neighbour, world space): `dice`; `amygdala_fp_share`, the share of its false-positive voxels inside the
+    reference's amygdala (nan without one); along the reference's long axis (its first principal axis in world mm,
+    pointing anterior), `anterior_mm` and `posterior_mm`, how far the mask's ends (98th and 2nd percentiles) lie beyond
+    the reference's (negative: short of them); `tail_missed`, the share of the reference's posterior-most fifth (of
+    that length) the mask misses."""
+    truth = _nearest_on_grid(reference, reference_affine, affine, inside.shape)
+    scores = dict.fromkeys(BORDER_COLUMNS, float("nan"))
+    scores["dice"] = dice(inside, truth)
+    false_positive = inside & ~truth
+    if amygdala is not None and false_positive.any():
+        in_amygdala = _nearest_on_grid(amygdala, reference_affine, affine, inside.shape)
+        scores["amygdala_fp_share"] = float((false_positive & in_amygdala).sum() / false_positive.sum())
+    if not (truth.any() and inside.any()):
+        return scores
+    truth_voxels = np.argwhere(truth)
+    truth_points = nib.affines.apply_affine(affine, truth_voxels)
+    centre = truth_points.mean(0)
+    axis = np.linalg.svd(truth_points - centre, full_matrices=False)[2][0]
+    axis = axis if axis[1] >= 0 else -axis  # RAS: +y is anterior
+    along_truth = (truth_points - centre) @ axis
+    along_mask = (nib.affines.apply_affine(affine, np.argwhere(inside)) - centre) @ axis
+    (posterior, anterior), (mask_posterior, mask_anterior) = (np.percentile(a, [2, 98]) for a in (along_truth, along_mask))
+    scores["anterior_mm"] = float(mask_anterior - anterior)
+    scores["posterior_mm"] = float(posterior - mask_posterior)
+    tail = truth_voxels[along_truth <= posterior + (anterior - posterior) / 5]
+    scores["tail_missed"] = float(1 - inside[tuple(tail.T)].mean())
+    return scores
+
+
+def side_border_scores(sides: dict, affine: np.ndarray, reference: dict, reference_affine: np.ndarray,
+                       amygdala: dict | None = None) -> dict[str, dict[str, float]]:
+    """`border_scores` of each side."""
+    return {side: border_scores(inside, affine, reference[side], reference_affine, amygdala and amygdala[side])
+            for side, inside in sides.items()}
+
+
 def compare(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,), right_labels=(53,),
-            left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0) -> list[dict]:
-    """Dice per side (whole hippocampus) and volumes of each head mask `masks/<case>_seg.nii.gz` against a reference
-    on the mask's grid: a label image `reference/<case><reference_suffix>` whose `left_labels` and `right_labels` mark
-    the hippocampi (FreeSurfer's and FastSurfer's aseg: 17 and 53; DLMUSE: 48 and 47), or, with `left_suffix` and
-    `right_suffix`, a pair of masks `reference/<case><left_suffix>` and `<right_suffix>` holding the hippocampus where
-    the value exceeds `threshold` (hippodeep's: `_mask_L.nii.gz`, `_mask_R.nii.gz`, 127)."""
+            left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0,
+            left_amygdala=(18,), right_amygdala=(54,)) -> list[dict]:
+    """Per side, `border_scores` (Dice, the share of false positives in the amygdala, the overshoot of each end, the
+    missed tail) and volumes of each head mask `masks/<case>_seg.nii.gz` against a reference on the mask's grid: a
+    label image `reference/<case><reference_suffix>` whose `left_labels` and `right_labels` mark the hippocampi and
+    `left_amygdala` and `right_amygdala` the amygdalae (FreeSurfer's and FastSurfer's aseg: 17/53 and 18/54; DLMUSE:
+    48/47 and 32/31), or, with `left_suffix` and `right_suffix`, a pair of masks `reference/<case><left_suffix>` and
+    `<right_suffix>` holding the hippocampus where the value exceeds `threshold` (hippodeep's: `_mask_L.nii.gz`,
+    `_mask_R.nii.gz`, 127; no amygdala)."""
     rows = []
     for folder, _, files in sorted(os.walk(masks)):
         for name in sorted(f for f in files if f.endswith("_seg.nii.gz")):
             mask_file = os.path.join(folder, name)
             case = os.path.relpath(mask_file, masks)[: -len("_seg.nii.gz")]
             base = os.path.join(reference, case)
+            amygdala = None
             if left_suffix and right_suffix:
                 if not (os.path.isfile(base + left_suffix) and os.path.isfile(base + right_suffix)):
                     continue
                 truth, truth_affine = mask_sides(base + left_suffix, base + right_suffix, threshold)
             elif os.path.isfile(base + reference_suffix):
                 truth, truth_affine = label_sides(base + reference_suffix, left_labels, right_labels)
+                amygdala = label_sides(base + reference_suffix, left_amygdala, right_amygdala)[0]
             else:
                 continue
             ours, affine = label_sides(mask_file, HEAD_LABELS["left"], HEAD_LABELS["right"])
             if not ours["right"].any():
                 continue  # a crop's mask (labels 1 and 2) has no right side; a head's always has one
-            scores = side_dice(ours, affine, truth, truth_affine)
+            scores = side_border_scores(ours, affine, truth, truth_affine, amygdala)
             voxel, truth_voxel = (abs(np.linalg.det(a[:3, :3])) for a in (affine, truth_affine))
             row = {"case": case}
             for side in ours:
-                row.update({f"dice_{side}": scores[side], f"{side}_mm3": float(ours[side].sum() * voxel),
+                row.update({f"{key}_{side}": value for key, value in scores[side].items()})
+                row.update({f"{side}_mm3": float(ours[side].sum() * voxel),
                             f"{side}_reference_mm3": float(truth[side].sum() * truth_voxel)})
             rows.append(row)
-    print("| case | Dice left / right | volume left / right mm3 | reference left / right mm3 |")
-    print("|---|---|---|---|")
+    print("| case | Dice left / right | volume left / right mm3 | reference left / right mm3 | "
+          "false positives in the amygdala L / R | anterior end beyond the reference's mm L / R | "
+          "posterior end beyond mm L / R | tail fifth missed L / R |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | {row['left_mm3']:.0f} / "
-              f"{row['right_mm3']:.0f} | {row['left_reference_mm3']:.0f} / {row['right_reference_mm3']:.0f} |")
+        print(f"| {row['case']} | {_pair(row, 'dice', '.3f')} | {row['left_mm3']:.0f} / {row['right_mm3']:.0f} | "
+              f"{row['left_reference_mm3']:.0f} / {row['right_reference_mm3']:.0f} | "
+              f"{_pair(row, 'amygdala_fp_share', '.2f')} | {_pair(row, 'anterior_mm', '+.1f')} | "
+              f"{_pair(row, 'posterior_mm', '+.1f')} | {_pair(row, 'tail_missed', '.2f')} |")
     if rows:
         print(f"mean Dice left / right: {np.mean([r['dice_left'] for r in rows]):.3f} / "
               f"{np.mean([r['dice_right'] for r in rows]):.3f} over {len(rows)} heads")
+        print("mean per side: " + ", ".join(f"{key} {_side_mean(rows, key):.3f}" for key in BORDER_COLUMNS))
     return rows
+
+
+def _pair(row: dict, key: str, spec: str) -> str:
+    """`row`'s left and right values of `key`, formatted."""
+    return " / ".join("n/a" if np.isnan(row[f"{key}_{side}"]) else format(row[f"{key}_{side}"], spec)
+                      for side in ("left", "right"))
+
+
+def _side_mean(rows: list[dict], key: str) -> float:
+    """The mean of `key` over both sides of `rows`, ignoring missing values."""
+    values = [row[f"{key}_{side}"] for row in rows for side in ("left", "right")]
+    return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
 
 
 def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, shape) -> np.ndarray:
@@ -277,29 +342,32 @@ def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.n
     return result
 
 
-REFERENCE_LABELS = {"_dlmuse.nii.gz": (48, 47), "_aseg.nii.gz": (17, 53)}  # left, right hippocampus
+REFERENCE_LABELS = {"_dlmuse.nii.gz": ((48, 47), (32, 31)), "_aseg.nii.gz": ((17, 53), (18, 54))}
+"""A reference's (left, right) hippocampus and (left, right) amygdala labels, by its file's suffix."""
 
 
-def _reference_labels(labels_dir: str, case: str) -> tuple[str, tuple[int, int]] | None:
+def _reference_labels(labels_dir: str, case: str) -> tuple[str, tuple[int, int], tuple[int, int]] | None:
     """`labels_dir/<case>_dlmuse.nii.gz` (DLMUSE) or `<case>_aseg.nii.gz` (FreeSurfer; for a FreeSurfer `<x>_brain`,
-    the subject's `<x>_aseg.nii.gz`), with its left and right hippocampus labels."""
+    the subject's `<x>_aseg.nii.gz`), with its hippocampus and amygdala labels."""
     stems = [case] + ([case[: -len("_brain")]] if case.endswith("_brain") else [])
     for stem in stems:
-        for suffix, ids in REFERENCE_LABELS.items():
+        for suffix, (hippocampus, amygdala) in REFERENCE_LABELS.items():
             if os.path.isfile(os.path.join(labels_dir, stem + suffix)):
-                return os.path.join(labels_dir, stem + suffix), ids
+                return os.path.join(labels_dir, stem + suffix), hippocampus, amygdala
     return None
 
 
-def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml") -> list[dict]:
+def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml",
+               overrides: dict | None = None) -> list[dict]:
     """Segments the real heads of `data_dir/images` (the layout of `../shared/data/real_heads`, see its README) and
     prints, per head: Dice per side against the reference labels (`labels/`) and against hippodeep's masks
     (`hippodeep/<case>_mask_L/R.nii.gz`, > 127), hippodeep's own Dice against the reference labels, eTIV beside
-    hippodeep's (`hippodeep/volumes.csv`), and the time of each step; start-up (configuration, weights) apart."""
+    hippodeep's (`hippodeep/volumes.csv`), and the time of each step, start-up (configuration, weights) apart; then,
+    per labelled side, both tools' `border_scores` against the reference. `overrides` are config ids to set."""
     import csv
 
     start = time.perf_counter()
-    segmenter = configured_segmenter(config_file, output_dir)
+    segmenter = configured_segmenter(config_file, output_dir, overrides)
     startup_s = time.perf_counter() - start
     with open(os.path.join(data_dir, "hippodeep", "volumes.csv"), newline="") as f:
         hippodeep_etiv = {row["case_file"]: float(row["etiv_mm3"]) for row in csv.DictReader(f)}
@@ -318,9 +386,13 @@ def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/infer
         reference = _reference_labels(os.path.join(data_dir, "labels"), case)
         if reference:
             truth, truth_affine = label_sides(reference[0], *reference[1])
-            row["vs_reference"] = side_dice(ours, affine, truth, truth_affine)
-            row["hippodeep_vs_reference"] = side_dice(theirs, their_affine, truth, truth_affine)
+            amygdala = label_sides(reference[0], *reference[2])[0]
+            row["borders"] = side_border_scores(ours, affine, truth, truth_affine, amygdala)
+            row["hippodeep_borders"] = side_border_scores(theirs, their_affine, truth, truth_affine, amygdala)
+            row["vs_reference"] = {side: scores["dice"] for side, scores in row["borders"].items()}
+            row["hippodeep_vs_reference"] = {side: scores["dice"] for side, scores in row["hippodeep_borders"].items()}
     _print_real_heads(rows, startup_s)
+    _print_borders(rows)
     return rows
 
 
@@ -351,13 +423,42 @@ def _print_real_heads(rows: list[dict], startup_s: float) -> None:
                   f"{len(scored)} heads)")
 
 
+def _print_borders(rows: list[dict]) -> None:
+    """Per labelled side, this bundle's and hippodeep's `border_scores` against the reference, and their means."""
+    labelled = [row for row in rows if "borders" in row]
+    if not labelled:
+        return
+    titles = ("Dice", "false positives in the amygdala", "anterior end beyond the reference's mm",
+              "posterior end beyond mm", "tail fifth missed")
+    specs = (".3f", ".2f", "+.1f", "+.1f", ".2f")
+    print("\nPer side against the reference labels, this bundle / hippodeep:\n")
+    print("| head | side | " + " | ".join(titles) + " |")
+    print("|---|---|" + "---|" * len(titles))
+
+    def cells(ours: dict, theirs: dict) -> str:
+        return " | ".join(f"{format(ours[key], spec)} / {format(theirs[key], spec)}"
+                          for key, spec in zip(BORDER_COLUMNS, specs))
+
+    for row in labelled:
+        for side in ("left", "right"):
+            print(f"| {row['case']} | {side} | {cells(row['borders'][side], row['hippodeep_borders'][side])} |")
+    means = [{key: float(np.nanmean([row[tool][side][key] for row in labelled for side in ("left", "right")]))
+              for key in BORDER_COLUMNS} for tool in ("borders", "hippodeep_borders")]
+    print(f"| **mean** ({2 * len(labelled)} sides) | | {cells(*means)} |")
+    worst = min(row["borders"][side]["dice"] for row in labelled for side in ("left", "right"))
+    print(f"mean per side, this bundle: " + ", ".join(f"{key} {means[0][key]:.3f}" for key in BORDER_COLUMNS) +
+          f", min dice {worst:.3f}")
+
+
 def _check_cli(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> None:
     check(output_dir, config_file, seed)  # prints the table once (fire would echo the rows again)
 
 
 def _compare_cli(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,), right_labels=(53,),
-                 left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0) -> None:
-    compare(masks, reference, reference_suffix, left_labels, right_labels, left_suffix, right_suffix, threshold)
+                 left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0,
+                 left_amygdala=(18,), right_amygdala=(54,)) -> None:
+    compare(masks, reference, reference_suffix, left_labels, right_labels, left_suffix, right_suffix, threshold,
+            left_amygdala, right_amygdala)
 
 
 def _real_heads_cli(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml") -> None:
