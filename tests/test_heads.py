@@ -204,6 +204,33 @@ def test_compare_scores_masks_against_other_tools_references(head_run, tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| template | 1.000 / 1.000 |" in result.stdout
     assert "over 1 heads" in result.stdout  # the other masks have no reference
+    # no false positives, so no share of them in the amygdala; both ends where the reference's are
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| template |"))
+    assert row.split(" | ")[4:8] == ["n/a / n/a", "+0.0 / +0.0", "+0.0 / +0.0", "0.00 / 0.00"], row
+
+
+def test_border_scores_find_a_mask_moved_into_the_amygdala():
+    """A hippocampus 30 voxels long (2 mm voxels, along y) with the amygdala in front of it; a mask 3 voxels (6 mm)
+    anterior: all its false positives in the amygdala, its anterior end 6 mm past and posterior end 6 mm short of
+    the reference's, and the missed tail the 3 of the tail fifth's 6 slices it no longer covers."""
+    from scripts.head_check import border_scores
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    reference, amygdala = np.zeros((20, 50, 20), bool), np.zeros((20, 50, 20), bool)
+    reference[5:10, 10:40, 5:10] = True
+    amygdala[5:10, 40:48, 5:10] = True
+    moved = np.roll(reference, 3, axis=1)
+    scores = border_scores(moved, affine, reference, affine, amygdala)
+    assert scores["dice"] == pytest.approx(27 / 30)
+    assert scores["amygdala_fp_share"] == 1.0
+    assert scores["anterior_mm"] == pytest.approx(6.0, abs=0.5)
+    assert scores["posterior_mm"] == pytest.approx(-6.0, abs=0.5)
+    assert scores["tail_missed"] == pytest.approx(3 / 6, abs=0.1)
+    # on the mask's own 1 mm grid, the reference resampled onto it: the same answer
+    fine = np.zeros((40, 100, 40), bool)
+    fine[10:20, 26:86, 10:20] = True  # the moved mask at 1 mm: y 13..42 of the 2 mm grid
+    again = border_scores(fine, np.eye(4), reference, affine, amygdala)
+    assert again["amygdala_fp_share"] == 1.0 and again["anterior_mm"] == pytest.approx(6.0, abs=1.0)
 
 
 def test_freesurfer_input_gets_a_nifti_mask_on_its_own_grid(head_run):

@@ -9,6 +9,7 @@ each change is undone, and the time of each step. `compare` scores head masks ag
     python -m scripts.head_check compare --masks OUT --reference REF --reference_suffix _dlmuse.nii.gz --left_labels 48 --right_labels 47
     python -m scripts.head_check compare --masks OUT --reference HIPPODEEP --left_suffix _mask_L.nii.gz --right_suffix _mask_R.nii.gz --threshold 127
     python -m scripts.head_check real_heads --data_dir ../../shared/data/real_heads --output_dir /tmp/real_heads
+    python -m scripts.head_check beside_hippodeep --hippodeep ../../shared/peers/hippodeep_pytorch/hippodeep.py --images IN --output_dir /tmp/timed
 """
 
 from __future__ import annotations
@@ -450,6 +451,34 @@ def _print_borders(rows: list[dict]) -> None:
           f", min dice {worst:.3f}")
 
 
+def beside_hippodeep(hippodeep: str, images: str, output_dir: str) -> dict[str, float]:
+    """Wall time of hippodeep (`python hippodeep.py HEAD ...`, its own script, on copies of the NIfTI heads of `images`)
+    and then of the README's inference command on the same heads (`--report false`), one after the other on this
+    machine, each from a fresh process: start-up included, as a user meets it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from scripts.qc import segment_folder
+
+    heads = sorted(f for f in os.listdir(images) if f.endswith((".nii", ".nii.gz")))
+    copies = os.path.join(output_dir, "hippodeep")
+    os.makedirs(copies, exist_ok=True)
+    for name in heads:
+        shutil.copy(os.path.join(images, name), copies)
+    times = {}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, os.path.abspath(hippodeep), *heads], cwd=copies, check=True,
+                   stdout=subprocess.DEVNULL)
+    times["hippodeep_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    segment_folder(images, os.path.join(output_dir, "bundle"))
+    times["bundle_s"] = time.perf_counter() - start
+    print(f"{len(heads)} heads: hippodeep {times['hippodeep_s']:.1f} s, this bundle {times['bundle_s']:.1f} s "
+          f"({times['bundle_s'] / times['hippodeep_s']:.2f} times hippodeep's)")
+    return times
+
+
 def _check_cli(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> None:
     check(output_dir, config_file, seed)  # prints the table once (fire would echo the rows again)
 
@@ -465,7 +494,12 @@ def _real_heads_cli(data_dir: str, output_dir: str, config_file: str = "configs/
     real_heads(data_dir, output_dir, config_file)
 
 
+def _beside_hippodeep_cli(hippodeep: str, images: str, output_dir: str) -> None:
+    beside_hippodeep(hippodeep, images, output_dir)
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"check": _check_cli, "compare": _compare_cli, "real_heads": _real_heads_cli})
+    fire.Fire({"check": _check_cli, "compare": _compare_cli, "real_heads": _real_heads_cli,
+               "beside_hippodeep": _beside_hippodeep_cli})
