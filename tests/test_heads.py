@@ -206,7 +206,7 @@ def test_compare_scores_masks_against_other_tools_references(head_run, tmp_path,
     assert "over 1 heads" in result.stdout  # the other masks have no reference
     # no false positives, so no share of them in the amygdala; both ends where the reference's are
     row = next(line for line in result.stdout.splitlines() if line.startswith("| template |"))
-    assert row.split(" | ")[4:8] == ["n/a / n/a", "+0.0 / +0.0", "+0.0 / +0.0", "0.00 / 0.00"], row
+    assert row.strip("| ").split(" | ")[4:] == ["n/a / n/a", "+0.0 / +0.0", "+0.0 / +0.0", "0.00 / 0.00"], row
 
 
 def test_border_scores_find_a_mask_moved_into_the_amygdala():
@@ -226,10 +226,12 @@ def test_border_scores_find_a_mask_moved_into_the_amygdala():
     assert scores["anterior_mm"] == pytest.approx(6.0, abs=0.5)
     assert scores["posterior_mm"] == pytest.approx(-6.0, abs=0.5)
     assert scores["tail_missed"] == pytest.approx(3 / 6, abs=0.1)
-    # on the mask's own 1 mm grid, the reference resampled onto it: the same answer
-    fine = np.zeros((40, 100, 40), bool)
-    fine[10:20, 26:86, 10:20] = True  # the moved mask at 1 mm: y 13..42 of the 2 mm grid
-    again = border_scores(fine, np.eye(4), reference, affine, amygdala)
+    # the same mask on its own 1 mm grid (each 2 mm voxel split in eight), the reference resampled onto it
+    fine = moved.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    fine_affine = np.eye(4)
+    fine_affine[:3, 3] = -0.5
+    again = border_scores(fine, fine_affine, reference, affine, amygdala)
+    assert again["dice"] == pytest.approx(27 / 30)
     assert again["amygdala_fp_share"] == 1.0 and again["anterior_mm"] == pytest.approx(6.0, abs=1.0)
 
 

@@ -8,7 +8,8 @@ each change is undone, and the time of each step. `compare` scores head masks ag
     python -m scripts.head_check compare --masks OUT --reference REF --reference_suffix /aseg.mgz
     python -m scripts.head_check compare --masks OUT --reference REF --reference_suffix _dlmuse.nii.gz --left_labels 48 --right_labels 47
     python -m scripts.head_check compare --masks OUT --reference HIPPODEEP --left_suffix _mask_L.nii.gz --right_suffix _mask_R.nii.gz --threshold 127
-    python -m scripts.head_check real_heads --data_dir ../../shared/data/real_heads --output_dir /tmp/real_heads
+    python -m scripts.head_check real_heads --data_dir ../../shared/data/real_heads --output_dir /tmp/real_heads \
+        [--overrides "{'head#box_size': [40, 56, 40]}"]
     python -m scripts.head_check beside_hippodeep --hippodeep ../../shared/peers/hippodeep_pytorch/hippodeep.py --images IN --output_dir /tmp/timed
 """
 
@@ -490,8 +491,9 @@ def _compare_cli(masks: str, reference: str, reference_suffix: str = ".nii.gz", 
             left_amygdala, right_amygdala)
 
 
-def _real_heads_cli(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml") -> None:
-    real_heads(data_dir, output_dir, config_file)
+def _real_heads_cli(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml",
+                    overrides: dict | None = None) -> None:
+    real_heads(data_dir, output_dir, config_file, overrides)
 
 
 def _beside_hippodeep_cli(hippodeep: str, images: str, output_dir: str) -> None:
