@@ -135,11 +135,11 @@ class HeadSegmenter:
         affine = np.asarray(image.affine, dtype=np.float64)
         labels = np.zeros(image.shape[1:], dtype=np.uint8)
         foreground = np.zeros(image.shape[1:], dtype=np.float32)
-        confident = []  # top-class probabilities inside each box's hippocampus, as the model gave them (1 mm)
+        confident = {}  # top-class probabilities inside each box's hippocampus, as the model gave them (1 mm)
         for side in SIDES:
             box_affine, box_shape = self._box_in_scan(registration, side)
             probabilities = self._segment_box(head, box_affine, box_shape, side)
-            confident.append(probabilities.max(0)[probabilities.argmax(0) > 0])
+            confident[side] = probabilities.max(0)[probabilities.argmax(0) > 0]
             self._paste(probabilities, box_affine, affine, labels, foreground, HEAD_LABELS[side])
         times["segmentation_s"] = time.perf_counter() - start
 
@@ -147,7 +147,8 @@ class HeadSegmenter:
         self.save(MetaTensor(torch.from_numpy(labels)[None], meta=image.meta))
         times["writing_s"] = time.perf_counter() - start
         return {"etiv_mm3": registration.etiv_mm3, "mutual_information": registration.mutual_information,
-                "confidence": float(np.concatenate(confident).mean()),
+                "confidence": float(np.concatenate(list(confident.values())).mean()),
+                "side_confidence": {side: float(values.mean()) for side, values in confident.items()},
                 "correlation": registration.correlation,
                 "scales": registration.scales.tolist(), **times}
 
