@@ -66,7 +66,7 @@ def test_bids_input_gets_a_derivatives_layout_the_validator_accepts(bids_dataset
     assert description["GeneratedBy"][0]["Version"] == version
     sidecar = json.loads((out / MASKS["sub-02/anat/sub-02_run-1_T1w.nii.gz"].replace(".nii.gz", ".json")).read_text())
     assert sidecar["Sources"] == ["bids:raw:sub-02/anat/sub-02_run-1_T1w.nii.gz"]
-    assert sidecar["BundleVersion"] == version and sidecar["QC"] in ("ok", "review")
+    assert sidecar["BundleVersion"] == version and sidecar["QC"] in ("pass", "review", "fail")
     assert sidecar["Registration"]["MutualInformation"] > 0.25
     with open(out / "desc-hippocampus_dseg.tsv") as f:
         look_up = list(csv.DictReader(f, delimiter="\t"))
@@ -90,7 +90,7 @@ def test_volumes_tsv_has_participants_sessions_and_etiv_fractions(bids_run):
         for side in ("left", "right"):
             assert float(row[f"{side}_total_etiv_fraction"]) == pytest.approx(
                 float(row[f"{side}_total_mm3"]) / float(row["etiv_mm3"]), rel=1e-4)
-        assert row["qc"] in ("ok", "review")
+        assert row["qc"] in ("pass", "review", "fail")
 
 
 def test_participant_and_session_labels_select_scans(bids_dataset, tmp_path):
@@ -165,7 +165,7 @@ def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_r
     with open(bids_run / "volumes.tsv", newline="") as f:
         rows = [{k: "" if v == "n/a" else v for k, v in row.items()} for row in csv.DictReader(f, delimiter="\t")]
     for row in rows:
-        row.update(qc="ok", qc_reasons="")
+        row.update(qc="pass", qc_reasons="")
     flagged = rows[1]["case"]
     rows[1].update(qc="review", qc_reasons="left anterior 900 mm3 outside 1000-2400")
     from scripts.inputs import Inputs

@@ -71,7 +71,7 @@ def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_pat
         voxel = abs(np.linalg.det(nib.load(str(out / mask)).affine[:3, :3]))
         assert float(rows[case]["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, abs=0.5)
         confidence = rows[case]["confidence"]  # empty when nothing was segmented
-        assert rows[case]["qc"] in ("ok", "review") and (confidence == "" or 0 < float(confidence) <= 1)
+        assert rows[case]["qc"] in ("pass", "review") and (confidence == "" or 0 < float(confidence) <= 1)
     pictures = sorted(os.path.relpath(p, out / "qc") for p in glob.glob(str(out / "qc" / "**" / "*.png"), recursive=True))
     assert pictures == sorted(m.replace("_seg.nii.gz", ".png") for m in EXPECTED_MASKS)
     assert all(os.path.getsize(out / "qc" / p) > 5000 for p in pictures)
@@ -148,7 +148,7 @@ def test_quality_flags(tmp_path):
     labels[5:17, 5:17, 5:17] = 1  # 1728 mm3
     labels[20:32, 5:17, 5:17] = 2
     good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95)
-    assert (good["qc"], good["qc_reasons"], good["anterior_mm3"]) == ("ok", "", "1728.0")
+    assert (good["qc"], good["qc_reasons"], good["anterior_mm3"]) == ("pass", "", "1728.0")
     split = labels.copy()
     split[35:38, 35:38, 35:38] = 2  # a second piece of posterior
     row = check.row("split", write_mask(tmp_path / "split.nii.gz", split), confidence=0.95)
@@ -161,6 +161,43 @@ def test_quality_flags(tmp_path):
     row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6}, confidence=0.95)
     assert row["kind"] == "head" and row["left_total_mm3"] == "3456.0" and row["right_anterior_mm3"] == "1728.0"
     assert row["qc_reasons"] == "right posterior absent" and row["etiv_mm3"] == "1500000"
+
+
+def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
+    """A head's sides are flagged by their own confidence and test-time agreement, a very low agreement fails it,
+    its qc_score is the lower agreement; in a run of 20 or more heads one far from the others is an outlier."""
+    from scripts.qc import QualityCheck, flag_cohort_outliers
+
+    thresholds = {"min_confidence": 0.9, "min_agreement": 0.85, "fail_agreement": 0.6, "max_asymmetry": 0.3}
+    check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, 0.95, 1.5e6, thresholds)
+    head = np.zeros((40, 40, 40), np.uint8)
+    head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17], head[20:32, 20:32, 5:17] = 1, 2, 3, 4
+    mask = write_mask(tmp_path / "head.nii.gz", head)
+
+    def row(confidence, agreement):
+        result = {"etiv_mm3": 1.5e6, "side_confidence": confidence, "side_agreement": agreement}
+        return check.row("head", mask, result, confidence=0.93)
+
+    good = row({"left": 0.93, "right": 0.94}, {"left": 0.95, "right": 0.9})
+    assert (good["qc"], good["qc_reasons"], good["qc_score"]) == ("pass", "", "0.900")  # 0.93 < 0.95 is crops' only
+    assert (good["left_confidence"], good["right_agreement"]) == ("0.9300", "0.9000")
+    review = row({"left": 0.93, "right": 0.85}, {"left": 0.95, "right": 0.8})
+    assert review["qc"] == "review" and review["qc_reasons"] == (
+        "right hippocampus: test-time augmentations agree at 0.80; right hippocampus: confidence 0.850")
+    failed = row({"left": 0.93, "right": 0.94}, {"left": 0.55, "right": 0.9})
+    assert failed["qc"] == "fail" and failed["qc_score"] == "0.550"
+    assert failed["qc_reasons"] == "left hippocampus: test-time augmentations agree at 0.55"
+
+    rng = np.random.default_rng(0)
+    cohort = [{"case": f"{i}", "kind": "head", "etiv_mm3": "1500000", "qc": "pass", "qc_reasons": "",
+               "left_total_mm3": str(3500 + rng.normal(0, 100)), "right_total_mm3": str(3600 + rng.normal(0, 100))}
+              for i in range(20)]
+    cohort[7]["left_total_mm3"] = "2200"
+    flag_cohort_outliers(cohort[:19])  # fewer than 20 heads: no cohort
+    assert all(r["qc"] == "pass" for r in cohort)
+    flag_cohort_outliers(cohort)
+    assert [r["case"] for r in cohort if r["qc"] == "review"] == ["7"]
+    assert "left hippocampus's volume over eTIV a cohort outlier" in cohort[7]["qc_reasons"]
 
 
 def test_case_stream_reads_cases_only_as_they_are_consumed():

@@ -119,14 +119,26 @@ def write_sidecar(mask_file: str, source: str, source_dir: str, version: str, ro
         "BundleVersion": version,
         "Kind": row["kind"],
         "Confidence": float(row["confidence"]) if row.get("confidence") else None,
-        "QC": row["qc"],
-        "QCReasons": [reason for reason in row["qc_reasons"].split("; ") if reason],
+        **_qc_fields(row),
     }
     if head is not None:
         sidecar["Registration"] = {"MutualInformation": round(head["mutual_information"], 4),
                                    "Correlation": round(head["correlation"], 4)}
         sidecar["eTIV_mm3"] = round(head["etiv_mm3"])
     _write_json(mask_file[: -len(".nii.gz")] + ".json", sidecar)
+
+
+def _qc_fields(row: dict) -> dict:
+    return {"QC": row["qc"], "QCScore": float(row["qc_score"]) if row.get("qc_score") else None,
+            "QCReasons": [reason for reason in row["qc_reasons"].split("; ") if reason]}
+
+
+def update_qc(mask_file: str, row: dict) -> None:
+    """The QC fields of `<mask>.json` rewritten from the mask's volumes-table row."""
+    path = mask_file[: -len(".nii.gz")] + ".json"
+    with open(path, encoding="utf-8") as f:
+        sidecar = json.load(f)
+    _write_json(path, {**sidecar, **_qc_fields(row)})
 
 
 def _write_json(path: str, content: dict) -> None:

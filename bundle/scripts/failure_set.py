@@ -9,6 +9,7 @@ Its images are cut from the heads given, so it is made again where they are, nev
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 
@@ -214,16 +215,18 @@ def score(output_dir: str, config_file: str = "configs/inference.yaml") -> list[
             dice = _clean_on_grid(output_dir, case["head"], case["variant"], mask_file)
             volumes = quality.row(case["case"], mask_file, result, result["confidence"])
             left, right = (float(volumes[f"{side}_total_mm3"]) for side in HEAD_LABELS)
-            row.update({"dice_left": dice["left"], "dice_right": dice["right"],
+            row.update({"dice_left": dice["left"], "dice_right": dice["right"], "left_mm3": left, "right_mm3": right,
                         "confidence": result["confidence"],
-                        "confidence_left": result["side_confidence"]["left"],
-                        "confidence_right": result["side_confidence"]["right"],
+                        **{f"{signal}_{side}": result[f"side_{signal}"][side] for signal in ("confidence", "agreement")
+                           for side in HEAD_LABELS},
                         "mutual_information": result["mutual_information"], "correlation": result["correlation"],
                         "asymmetry": abs(left - right) / ((left + right) / 2), "qc": volumes["qc"],
                         "qc_reasons": volumes["qc_reasons"]})
         rows.append(row)
     columns = [*CASE_COLUMNS, "failed", "dice_left", "dice_right", "confidence", "confidence_left", "confidence_right",
-               "mutual_information", "correlation", "asymmetry", "qc", "qc_reasons"]
+               "agreement_left", "agreement_right", "left_mm3", "right_mm3", "mutual_information", "correlation",
+               "asymmetry", "qc",
+               "qc_reasons"]
     with open(os.path.join(output_dir, "scores.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
@@ -237,29 +240,75 @@ def is_bad(row: dict) -> bool:
     return bool(row["failed"]) or min(row["dice_left"], row["dice_right"]) < BAD_DICE
 
 
+def thresholds(rows: list[dict], false_alarms: float = 0.025) -> dict[str, float]:
+    """The heads' QC thresholds from a scored failure set (`qc#head` in configs/inference.yaml), set on its harmless
+    copies: the lower side's confidence and agreement each flag at most `false_alarms` of them (rounded down to
+    0.01), the asymmetry too (rounded up to 0.01); a side fails under the lowest agreement of any of them rounded
+    down to 0.1."""
+    harmless = [row for row in rows if row["group"] == "good" and not row["failed"]]
+
+    def lowest(signal: str) -> np.ndarray:
+        return np.array([min(row[f"{signal}_left"], row[f"{signal}_right"]) for row in harmless])
+
+    return {"min_confidence": math.floor(100 * np.quantile(lowest("confidence"), false_alarms)) / 100,
+            "min_agreement": math.floor(100 * np.quantile(lowest("agreement"), false_alarms)) / 100,
+            "fail_agreement": math.floor(10 * lowest("agreement").min()) / 10,
+            "max_asymmetry": math.ceil(100 * np.quantile([row["asymmetry"] for row in harmless], 1 - false_alarms)) / 100}
+
+
+SIGNALS = {  # each signal's flag at the thresholds: (a scored row, the thresholds) -> flagged
+    "failure (named, no mask)": lambda row, t: bool(row["failed"]),
+    "confidence": lambda row, t: not row["failed"] and min(row["confidence_left"], row["confidence_right"]) < t["min_confidence"],
+    "test-time agreement": lambda row, t: not row["failed"] and min(row["agreement_left"], row["agreement_right"]) < t["min_agreement"],
+    "left/right asymmetry": lambda row, t: not row["failed"] and row["asymmetry"] > t["max_asymmetry"],
+    "volume range or pieces": lambda row, t: any(word in row["qc_reasons"] for word in ("outside", "pieces", "absent")),
+}
+
+
 def _print_scores(rows: list[dict]) -> None:
-    print("| case | group | Dice left / right vs clean | confidence left / right | mutual information | correlation | "
-          "asymmetry | qc | reasons or failure |")
+    print("| case | group | Dice left / right vs clean | confidence left / right | agreement left / right | "
+          "mutual information | correlation | asymmetry | failure |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row["failed"]:
             print(f"| {row['case']} | {row['group']} | failed | | | | | | {row['failed']} |")
             continue
         print(f"| {row['case']} | {row['group']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "
-              f"{row['confidence_left']:.3f} / {row['confidence_right']:.3f} | {row['mutual_information']:.2f} | "
-              f"{row['correlation']:.2f} | {row['asymmetry']:.2f} | {row['qc']} | {row['qc_reasons']} |")
+              f"{row['confidence_left']:.3f} / {row['confidence_right']:.3f} | "
+              f"{row['agreement_left']:.3f} / {row['agreement_right']:.3f} | {row['mutual_information']:.2f} | "
+              f"{row['correlation']:.2f} | {row['asymmetry']:.2f} | |")
     bad = [row for row in rows if is_bad(row)]
-    good = [row for row in rows if not is_bad(row)]
-    caught = sum(bool(row["failed"]) or row["qc"] != "ok" for row in bad)
-    false_alarms = sum(row["qc"] != "ok" for row in good)
-    print(f"\n{len(bad)} cases with a side under Dice {BAD_DICE} or no mask, {len(good)} others; today's flag "
-          f"(failure or review) catches {caught} of {len(bad)} and flags {false_alarms} of {len(good)} others")
-    for signal in ("confidence_left", "confidence_right", "mutual_information", "correlation", "asymmetry"):
-        def spread(chosen: list[dict]) -> str:
-            values = [row[signal] for row in chosen if not row["failed"]]
-            return f"{np.min(values):.3f}-{np.max(values):.3f} (median {np.median(values):.3f})" if values else "none"
+    harmless = [row for row in rows if row["group"] == "good"]
+    chosen = thresholds(rows)
+    print(f"\n{len(bad)} cases with a side under Dice {BAD_DICE} against the clean head's mask or no mask; "
+          f"{len(harmless)} harmless copies. Thresholds (qc#head): {chosen}\n")
+    print("| signal | flags of the bad cases (sensitivity) | flags of the harmless copies (false alarms) |")
+    print("|---|---|---|")
+    for name, flag in [*SIGNALS.items(), ("any of them", lambda row, t: any(f(row, t) for f in SIGNALS.values()))]:
+        caught = sum(flag(row, chosen) for row in bad)
+        alarms = sum(flag(row, chosen) for row in harmless)
+        print(f"| {name} | {caught} of {len(bad)} ({caught / max(len(bad), 1):.0%}) | "
+              f"{alarms} of {len(harmless)} ({alarms / max(len(harmless), 1):.0%}) |")
+    scored = [row for row in rows if not row["failed"]]
+    estimate = [min(row["agreement_left"], row["agreement_right"]) for row in scored]
+    actual = [min(row["dice_left"], row["dice_right"]) for row in scored]
+    print(f"\nqc_score (the lower side's agreement) against the lower side's Dice: Pearson r "
+          f"{np.corrcoef(estimate, actual)[0, 1]:.2f}, mean absolute difference {np.mean(np.abs(np.subtract(estimate, actual))):.3f}")
+    _print_repeatability(rows)
 
-        print(f"{signal}: bad {spread(bad)}; others {spread(good)}")
+
+def _print_repeatability(rows: list[dict]) -> None:
+    """Each side's volume over a head's harmless copies (as acquired, moved, reoriented, resampled): the coefficient
+    of variation, as between rescans."""
+    volumes: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        if row["group"] == "good" and not row["failed"] and "registration" not in row["variant"]:
+            for side in HEAD_LABELS:
+                volumes.setdefault(row["head"], {}).setdefault(side, []).append(row[f"{side}_mm3"])
+    variation = [np.std(v) / np.mean(v) for sides in volumes.values() for v in sides.values() if len(v) > 1]
+    if variation:
+        print(f"repeatability over harmless copies: coefficient of variation of a side's volume {100 * np.mean(variation):.2f}% "
+              f"on average, at most {100 * np.max(variation):.2f}% ({len(variation)} sides)")
 
 
 def _score_cli(output_dir: str, config_file: str = "configs/inference.yaml") -> None:

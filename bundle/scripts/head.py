@@ -90,6 +90,9 @@ class HeadSegmenter:
         max_fragment_fraction: a side whose pieces beyond the largest hold more of it is reported as fragmented;
             smaller pieces are removed.
         min_box_coverage: the fraction of each box that must lie inside the scan's field of view.
+        agreement_shift_mm: the shift (whole mm along the box's axes) of a second box per side, segmented for QC
+            only: the Dice of its hippocampus with the box's, where they overlap, is the side's agreement under
+            test-time augmentation.
     """
 
     def __init__(self, network: torch.nn.Module, inferer: Inferer, preprocessing: Compose,
@@ -97,7 +100,7 @@ class HeadSegmenter:
                  box_size: Sequence[float], folder_layout: FolderLayoutBase,
                  device: torch.device | str = "cpu", amp: bool = False,
                  min_side_volume_mm3: float = 1000.0, max_fragment_fraction: float = 0.1,
-                 min_box_coverage: float = 0.9) -> None:
+                 min_box_coverage: float = 0.9, agreement_shift_mm: Sequence[int] = (2, 2, 2)) -> None:
         self.network = network
         self.inferer = inferer
         self.box_preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadImaged)])
@@ -110,6 +113,7 @@ class HeadSegmenter:
         self.min_side_volume_mm3 = min_side_volume_mm3
         self.max_fragment_fraction = max_fragment_fraction
         self.min_box_coverage = min_box_coverage
+        self.agreement_shift_mm = np.asarray(agreement_shift_mm, dtype=int)
         self.load = LoadImaged("image")
         self.checked = Compose([EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
         self.save = SaveImage(folder_layout=folder_layout, output_ext=".nii.gz", output_dtype=np.uint8, resample=False,
@@ -136,10 +140,12 @@ class HeadSegmenter:
         labels = np.zeros(image.shape[1:], dtype=np.uint8)
         foreground = np.zeros(image.shape[1:], dtype=np.float32)
         confident = {}  # top-class probabilities inside each box's hippocampus, as the model gave them (1 mm)
+        agreement = {}
         for side in SIDES:
             box_affine, box_shape = self._box_in_scan(registration, side)
-            probabilities = self._segment_box(head, box_affine, box_shape, side)
+            probabilities = self._keep_largest_piece(self._segment_box(head, box_affine, box_shape, side), side)
             confident[side] = probabilities.max(0)[probabilities.argmax(0) > 0]
+            agreement[side] = self._agreement(head, box_affine, box_shape, side, probabilities.argmax(0) > 0)
             self._paste(probabilities, box_affine, affine, labels, foreground, HEAD_LABELS[side])
         times["segmentation_s"] = time.perf_counter() - start
 
@@ -149,6 +155,7 @@ class HeadSegmenter:
         return {"etiv_mm3": registration.etiv_mm3, "mutual_information": registration.mutual_information,
                 "confidence": float(np.concatenate(list(confident.values())).mean()),
                 "side_confidence": {side: float(values.mean()) for side, values in confident.items()},
+                "side_agreement": agreement,
                 "correlation": registration.correlation,
                 "scales": registration.scales.tolist(), **times}
 
@@ -165,8 +172,10 @@ class HeadSegmenter:
         box_affine[:3, 3] = centre - rotation @ (np.array(shape) - 1) / 2
         return box_affine, shape
 
-    def _segment_box(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int], side: str) -> np.ndarray:
-        """Softmax probabilities (3, *shape) on the box grid."""
+    def _segment_box(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int], side: str,
+                     check_coverage: bool = True) -> np.ndarray:
+        """Softmax probabilities (3, *shape) on the box grid; with `check_coverage`, raises for a box that lies
+        too far outside the image."""
         origin = (RAS_TO_LPS @ box_affine[:3, 3]).tolist()
         direction = (RAS_TO_LPS @ box_affine[:3, :3]).flatten().tolist()
         box = sitk.Resample(head, shape, sitk.Transform(), sitk.sitkLinear, origin, [1.0] * 3, direction, 0.0,
@@ -176,7 +185,7 @@ class HeadSegmenter:
         inside = sitk.Resample(ones, shape, sitk.Transform(), sitk.sitkNearestNeighbor, origin, [1.0] * 3, direction, 0,
                                sitk.sitkUInt8)
         coverage = float(sitk.GetArrayViewFromImage(inside).mean())
-        if coverage < self.min_box_coverage:
+        if check_coverage and coverage < self.min_box_coverage:
             raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
 
         # to the model the box is a 1 mm RAS image: its rotation in the scan is applied when pasting back
@@ -188,7 +197,21 @@ class HeadSegmenter:
             logits = self.inferer(data["image"][None].to(self.device), self.network)
         data["pred"] = torch.softmax(logits[0].float(), 0).cpu()
         probabilities = Invertd("pred", self.box_preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
-        return self._keep_largest_piece(np.asarray(probabilities, dtype=np.float32), side)
+        return np.asarray(probabilities, dtype=np.float32)
+
+    def _agreement(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int], side: str,
+                   hippocampus: np.ndarray) -> float:
+        """Dice of `hippocampus` (the side's mask on the box grid) with that of the box moved by
+        `agreement_shift_mm`, where the two boxes overlap."""
+        shift = self.agreement_shift_mm
+        moved = box_affine.copy()
+        moved[:3, 3] += box_affine[:3, :3] @ shift
+        shifted = self._segment_box(head, moved, shape, side, check_coverage=False).argmax(0) > 0
+        # voxel v of the moved box is voxel v + shift of this one
+        here = tuple(slice(max(s, 0), n + min(s, 0)) for s, n in zip(shift, shape))
+        there = tuple(slice(max(-s, 0), n - max(s, 0)) for s, n in zip(shift, shape))
+        a, b = hippocampus[here], shifted[there]
+        return float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
 
     def _keep_largest_piece(self, probabilities: np.ndarray, side: str) -> np.ndarray:
         """Checks the side's hippocampus (1 mm box grid) and removes pieces apart from its largest one."""

@@ -205,7 +205,12 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
         write_report(os.path.join(inputs.output_dir, "report.html"), table,
                      [(inputs.case(image), reason) for image, reason in failed], pictures,
                      f"{metadata['name']} {metadata['version']}: {inputs.dataset_dir}")
-    flagged = sum(row["qc"] == "review" for row in rows)
+    if inputs.bids:  # a cohort outlier is known once the run's table is
+        masks = {inputs.case(image): inputs.mask_path(image) for image in inputs.paths}
+        for row in table:
+            if row.get("cohort_outlier"):
+                bids.update_qc(masks[row["case"]], row)
+    flagged = sum(row["qc"] != "pass" for row in rows)
     logger.info(f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
                 f"in {os.path.basename(table_file)}, output in {inputs.output_dir}.")
     if failed:

@@ -28,7 +28,7 @@ STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 2em; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; font-size: 13px; }
-tr.review { background: #fde2e1; } tr.failed { background: #f8c4c0; }
+tr.review { background: #fde2e1; } tr.failed, tr.fail { background: #f8c4c0; }
 img { width: 600px; min-height: 40px; display: block; }
 .plots svg { width: 480px; height: auto; margin-right: 1em; }
 .summary span { margin-right: 2em; font-size: 18px; }
@@ -74,13 +74,13 @@ def plots(rows: Sequence[Mapping]) -> list[str]:
     if heads:
         figure, ax = plt.subplots(figsize=(5, 4))
         for side, marker in zip(SIDES, ("o", "^")):
-            _scatter(ax, [(float(r["etiv_mm3"]) / 1000, float(r[f"{side}_total_mm3"]), r["qc"] == "review") for r in heads],
+            _scatter(ax, [(float(r["etiv_mm3"]) / 1000, float(r[f"{side}_total_mm3"]), r["qc"] != "pass") for r in heads],
                      side, marker)
         ax.set(xlabel="eTIV (cm³)", ylabel="hippocampus (mm³)", title="Each side against eTIV")
         ax.legend(fontsize=8)
         figures.append(_svg(figure))
         figure, ax = plt.subplots(figsize=(5, 4))
-        _scatter(ax, [(float(r["left_total_mm3"]), float(r["right_total_mm3"]), r["qc"] == "review") for r in heads], "case")
+        _scatter(ax, [(float(r["left_total_mm3"]), float(r["right_total_mm3"]), r["qc"] != "pass") for r in heads], "case")
         limits = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
         ax.plot(limits, limits, color="#999", linewidth=0.8)
         ax.set(xlabel="left (mm³)", ylabel="right (mm³)", title="Left against right")
@@ -88,7 +88,7 @@ def plots(rows: Sequence[Mapping]) -> list[str]:
         figures.append(_svg(figure))
     if crops:
         figure, ax = plt.subplots(figsize=(5, 4))
-        _scatter(ax, [(float(r["anterior_mm3"]), float(r["posterior_mm3"]), r["qc"] == "review") for r in crops], "crop")
+        _scatter(ax, [(float(r["anterior_mm3"]), float(r["posterior_mm3"]), r["qc"] != "pass") for r in crops], "crop")
         ax.set(xlabel="anterior (mm³)", ylabel="posterior (mm³)", title="Crops: anterior against posterior")
         ax.legend(fontsize=8)
         figures.append(_svg(figure))
@@ -120,11 +120,18 @@ def _volumes(row: Mapping) -> str:
 
 def _case_row(row: Mapping, picture: str) -> str:
     return (f'<tr class="{row["qc"]}"><td>{html.escape(row["case"])}</td><td>{row["kind"]}</td><td>{row["qc"]}</td>'
-            f'<td>{html.escape(row["qc_reasons"])}</td><td>{_volumes(row)}</td><td>{row.get("confidence", "")}</td>'
-            f"<td>{picture}</td></tr>")
+            f'<td>{row.get("qc_score", "")}</td><td>{html.escape(row["qc_reasons"])}</td><td>{_volumes(row)}</td>'
+            f'<td>{row.get("confidence", "")}</td><td>{picture}</td></tr>')
 
 
-HEADER = "<tr><th>case</th><th>kind</th><th>QC</th><th>reasons</th><th>volumes</th><th>confidence</th><th>picture</th></tr>"
+HEADER = ("<tr><th>case</th><th>kind</th><th>QC</th><th>QC score (estimated Dice)</th><th>reasons</th><th>volumes</th>"
+          "<th>confidence</th><th>picture</th></tr>")
+
+
+def _by_score(row: Mapping) -> tuple:
+    """Failed before review, then the lowest estimated Dice first; cases without a score after those with one."""
+    score = _float(row.get("qc_score"))
+    return (row["qc"] != "fail", score is None, score if score is not None else 0.0)
 
 
 def write_report(path: str, rows: Sequence[Mapping], failures: Sequence[tuple[str, str]],
@@ -137,13 +144,13 @@ def write_report(path: str, rows: Sequence[Mapping], failures: Sequence[tuple[st
         pictures: each case's QC picture (PNG), embedded in the page.
         title: the page's title (the bundle's name and version).
     """
-    flagged = [r for r in rows if r["qc"] == "review"]
-    failed_rows = "".join(f'<tr class="failed"><td>{html.escape(case)}</td><td></td><td>failed</td>'
+    flagged = sorted((r for r in rows if r["qc"] != "pass"), key=_by_score)
+    failed_rows = "".join(f'<tr class="failed"><td>{html.escape(case)}</td><td></td><td>failed</td><td></td>'
                           f"<td>{html.escape(reason)}</td><td></td><td></td><td></td></tr>" for case, reason in failures)
     flagged_rows = "".join(_case_row(r, _picture(pictures.get(r["case"]), lazy=False)) for r in flagged)
     # a flagged case's picture is in the page once, in the table above
-    all_rows = "".join(_case_row(r, '<a href="#review">picture above</a>' if r["qc"] == "review"
-                                 else _picture(pictures.get(r["case"]), lazy=True)) for r in rows)
+    all_rows = "".join(_case_row(r, '<a href="#review">picture above</a>' if r["qc"] != "pass"
+                                 else _picture(pictures.get(r["case"]), lazy=True)) for r in sorted(rows, key=_by_score))
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
