@@ -27,6 +27,8 @@ NOT_RUN = {
     "--source github": "needs the internet (GitHub release)",
     "--nnodes=2": "needs two machines",
     "scripts.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
+    "scripts.failure_set": "a measurement on the real dev heads (150 heads, about 15 minutes); tests/test_failure_set.py "
+                           "checks its copies",
 }
 # shortened through the command line: flag -> value (replaced where the command sets it, else appended)
 SHORTER = {

@@ -140,12 +140,32 @@ def run(inputs: Inputs, evaluator, crops: CaseStream, heads: HeadCases) -> None:
         heads.run()
 
 
-def _draw_picture(image: str, mask: str, png: str) -> None:
-    """The QC picture of a case; one that cannot be drawn is logged, its mask and row stand."""
+PARALLEL_PICTURES = 32  # from this many pictures on, one process per core draws them
+
+
+def _drawn(image: str, mask: str, png: str) -> str | None:
+    """Draws the QC picture of a case; returns why it could not be drawn, else None."""
     try:
         draw_qc_png(image, mask, png)
     except Exception as e:  # a picture is an aid, never a reason to lose the run's table
-        logger.warning(f"{image}: no QC picture, {_reason(e)}")
+        return f"{image}: no QC picture, {_reason(e)}"
+    return None
+
+
+def _draw_pictures(cases: Sequence[tuple[str, str, str]]) -> None:
+    """The QC pictures of (image, mask, picture) cases, drawn by one process per core of this process's share
+    of the machine when there are many (a picture takes about a fifth of a crop's segmentation); one that cannot
+    be drawn is logged, its mask and row stand."""
+    if len(cases) < PARALLEL_PICTURES:
+        problems = [_drawn(*case) for case in cases]
+    else:
+        import multiprocessing
+
+        share = max(1, len(os.sched_getaffinity(0)) // (dist.get_world_size() if dist.is_initialized() else 1))
+        with multiprocessing.get_context("fork").Pool(share) as pool:
+            problems = pool.starmap(_drawn, cases, chunksize=16)
+    for problem in filter(None, problems):
+        logger.warning(problem)
 
 
 def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: ConfidenceRecorder, quality: QualityCheck,
@@ -158,7 +178,7 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
         metadata = json.load(f)
     failed = crops.failures + heads.failures
     failed_images = {image for image, _ in failed}
-    rows = []
+    rows, pictures = [], []
     for case in crops.cases + heads.cases:
         image = case["image"]
         if image in failed_images:
@@ -170,7 +190,7 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
         head = heads.results.get(image)
         rows.append(quality.row(inputs.case(image), mask, head, head["confidence"] if head else confidence.values.get(image)))
         if qc_png or html_report:
-            _draw_picture(image, mask, inputs.qc_png_path(image))
+            pictures.append((image, mask, inputs.qc_png_path(image)))
         if inputs.bids:
             bids.write_sidecar(mask, image, inputs.root, metadata["version"], rows[-1], head)
             if rows[-1]["kind"] == "crop":  # the dataset's look-up table is of heads' labels
@@ -183,6 +203,7 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
             except Exception as e:  # the mask stands; the series is reported
                 failed.append((image, f"no DICOM SEG: {_reason(e)}"))
                 logger.error(f"{image}: no DICOM SEG, {_reason(e)}")
+    _draw_pictures(pictures)
     if dist.is_initialized():
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (rows, failed))
@@ -196,14 +217,12 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
     if inputs.bids:
         bids.write_dataset_files(inputs.output_dir, inputs.root, metadata)
     if html_report:
-        pictures = {}
-        for image in inputs.paths:
-            mask, png = inputs.mask_path(image), inputs.qc_png_path(image)
-            if os.path.isfile(mask) and not os.path.isfile(png):  # segmented by an earlier run
-                _draw_picture(image, mask, png)
-            pictures[inputs.case(image)] = png
+        # every case of the table; those segmented by an earlier run may have no picture yet
+        earlier = [(image, inputs.mask_path(image), inputs.qc_png_path(image)) for image in inputs.paths]
+        _draw_pictures([case for case in earlier if os.path.isfile(case[1]) and not os.path.isfile(case[2])])
         write_report(os.path.join(inputs.output_dir, "report.html"), table,
-                     [(inputs.case(image), reason) for image, reason in failed], pictures,
+                     [(inputs.case(image), reason) for image, reason in failed],
+                     {inputs.case(image): png for image, _, png in earlier},
                      f"{metadata['name']} {metadata['version']}: {inputs.dataset_dir}")
     if inputs.bids:  # a cohort outlier is known once the run's table is
         masks = {inputs.case(image): inputs.mask_path(image) for image in inputs.paths}
