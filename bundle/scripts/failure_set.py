@@ -17,9 +17,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from scripts import BUNDLE_DIR
 from scripts.head import HEAD_LABELS, configured_segmenter
-from scripts.head_check import TEMPLATE, resampled, rigid, segment_timed, side_dice
-from scripts.qc import QualityCheck
+from scripts.head_check import TEMPLATE, label_sides, resampled, rigid, segment_timed, side_dice
 
 BAD_DICE = 0.8  # a side below it against the clean head's mask is a failure QC should catch
 CASE_COLUMNS = ("case", "head", "variant", "group", "description")
@@ -176,8 +176,6 @@ def make(images: str, output_dir: str, config_file: str = "configs/inference.yam
 def _clean_on_grid(output_dir: str, head: str, variant: str, mask_file: str) -> dict[str, float]:
     """Dice of each side of a copy's mask against its clean head's mask, on the copy's grid: voxel by voxel for
     copies whose header moved (their voxels are the clean head's), in world space for the others."""
-    from scripts.head_check import label_sides
-
     ours, affine = label_sides(mask_file, *HEAD_LABELS.values())
     clean, clean_affine = label_sides(os.path.join(output_dir, "clean_masks", f"{head}__clean_seg.nii.gz"),
                                       *HEAD_LABELS.values())
@@ -188,9 +186,11 @@ def _clean_on_grid(output_dir: str, head: str, variant: str, mask_file: str) -> 
 
 def score(output_dir: str, config_file: str = "configs/inference.yaml") -> list[dict]:
     """Segments every case of `output_dir/cases.csv` and writes `scores.csv`: each side's Dice against the clean
-    head's mask and the signals QC could read (confidence per side, registration similarity, QC's reasons,
-    left/right asymmetry); prints each signal's values on the good and the failed cases."""
-    import yaml
+    head's mask and the signals QC could read (each side's confidence and test-time agreement, registration
+    similarity, left/right asymmetry, QC's reasons). Prints each case, the heads' thresholds its harmless copies give
+    (`thresholds`), each signal's sensitivity and false alarms at them, `qc_score` against Dice, and the volumes'
+    repeatability over the harmless copies."""
+    from scripts.recipe import load
 
     with open(os.path.join(output_dir, "cases.csv"), newline="") as f:
         cases = list(csv.DictReader(f))
@@ -199,9 +199,7 @@ def score(output_dir: str, config_file: str = "configs/inference.yaml") -> list[
         shutil.rmtree(masks)
     segmenter = configured_segmenter(config_file, masks)
     registration = segmenter.registration
-    with open(config_file) as f:
-        qc = yaml.safe_load(f)["qc"]
-    quality = QualityCheck(qc["volume_range"], qc["min_confidence"], qc["reference_etiv_mm3"])
+    quality = load(BUNDLE_DIR, [config_file], {}).get_parsed_content("qc")
     rows = []
     for case in cases:
         image = os.path.join(output_dir, "images", f"{case['case']}.nii.gz")
@@ -261,7 +259,8 @@ SIGNALS = {  # each signal's flag at the thresholds: (a scored row, the threshol
     "confidence": lambda row, t: not row["failed"] and min(row["confidence_left"], row["confidence_right"]) < t["min_confidence"],
     "test-time agreement": lambda row, t: not row["failed"] and min(row["agreement_left"], row["agreement_right"]) < t["min_agreement"],
     "left/right asymmetry": lambda row, t: not row["failed"] and row["asymmetry"] > t["max_asymmetry"],
-    "volume range or pieces": lambda row, t: any(word in row["qc_reasons"] for word in ("outside", "pieces", "absent")),
+    "volume range or pieces": lambda row, t: not row["failed"] and any(word in row["qc_reasons"]
+                                                                       for word in ("outside", "pieces", "absent")),
 }
 
 
