@@ -20,6 +20,7 @@ from scipy import ndimage
 from scripts import BUNDLE_DIR
 from scripts.head import HEAD_LABELS, configured_segmenter
 from scripts.head_check import TEMPLATE, label_sides, resampled, rigid, segment_timed, side_dice
+from scripts.qc import asymmetry
 
 BAD_DICE = 0.8  # a side below it against the clean head's mask is a failure QC should catch
 CASE_COLUMNS = ("case", "head", "variant", "group", "description")
@@ -218,7 +219,7 @@ def score(output_dir: str, config_file: str = "configs/inference.yaml") -> list[
                         **{f"{signal}_{side}": result[f"side_{signal}"][side] for signal in ("confidence", "agreement")
                            for side in HEAD_LABELS},
                         "mutual_information": result["mutual_information"], "correlation": result["correlation"],
-                        "asymmetry": abs(left - right) / ((left + right) / 2), "qc": volumes["qc"],
+                        "asymmetry": abs(asymmetry(left, right)), "qc": volumes["qc"],
                         "qc_reasons": volumes["qc_reasons"]})
         rows.append(row)
     columns = [*CASE_COLUMNS, "failed", "dice_left", "dice_right", "confidence", "confidence_left", "confidence_right",

@@ -30,7 +30,6 @@ VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
                   "etiv_mm3", "confidence", *(f"{side}_{signal}" for signal in ("confidence", "agreement")
                                               for side in HEAD_LABELS),
                   "qc", "qc_score", "qc_reasons"]
-QC_LEVELS = ("pass", "review", "fail")
 COHORT_MIN_CASES = 20  # cohort outliers are looked for in runs of at least this many heads
 COHORT_MAX_Z = 3.5  # robust z-score (median, 1.4826 MAD) beyond which a head is a cohort outlier
 
@@ -120,12 +119,16 @@ class QualityCheck:
                 review.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.2f}")
             if confidence < self.head["min_confidence"]:
                 review.append(f"{side} hippocampus: confidence {confidence:.3f}")
-        left, right = (float(row[f"{side}_total_mm3"]) for side in HEAD_LABELS)
-        asymmetry = abs(left - right) / max((left + right) / 2, 1.0)
-        if asymmetry > self.head["max_asymmetry"]:
-            review.append(f"left and right hippocampi differ by {100 * asymmetry:.0f}%")
+        difference = abs(asymmetry(*(float(row[f"{side}_total_mm3"]) for side in HEAD_LABELS)))
+        if difference > self.head["max_asymmetry"]:
+            review.append(f"left and right hippocampi differ by {100 * difference:.0f}%")
         signals["qc_score"] = f"{min(head['side_agreement'].values()):.3f}"
         return signals
+
+
+def asymmetry(left, right):
+    """(left - right) over their mean, of volumes or arrays of them."""
+    return (left - right) / np.maximum((left + right) / 2, 1.0)
 
 
 def flag_cohort_outliers(rows: Sequence[dict]) -> None:
@@ -138,7 +141,7 @@ def flag_cohort_outliers(rows: Sequence[dict]) -> None:
     measures = {f"{side} hippocampus's volume over eTIV": [float(r[f"{side}_total_mm3"]) / float(r["etiv_mm3"])
                                                             for r in heads] for side in HEAD_LABELS}
     left, right = (np.array([float(r[f"{side}_total_mm3"]) for r in heads]) for side in HEAD_LABELS)
-    measures["left/right asymmetry"] = list((left - right) / np.maximum((left + right) / 2, 1.0))
+    measures["left/right asymmetry"] = list(asymmetry(left, right))
     for name, values in measures.items():
         values = np.asarray(values)
         spread = 1.4826 * np.median(np.abs(values - np.median(values)))
