@@ -175,7 +175,7 @@ def test_network_weights_follow_channels_last(channels_last, synthetic_task, tmp
     layout = torch.channels_last_3d if channels_last == "true" else torch.contiguous_format
     training = parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), channels_last=channels_last)
     inference = parse_train_config(synthetic_task, tmp_path, ("inference.yaml",),
-                                   **{"recipe#overrides#channels_last": channels_last})
+                                   channels_last=channels_last)
     image = torch.randn(1, 1, 24, 32, 24)
     for parser in (training, inference):
         network = parser.get_parsed_content("network").eval()

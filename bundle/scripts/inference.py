@@ -21,12 +21,12 @@ from scripts.report import write_report
 
 logger = logging.getLogger(__name__)
 
-def split_by_kind(cases: Sequence[dict], kind: str = "auto") -> dict[str, list[dict]]:
+def split_by_kind(cases: Sequence[dict], kind: str = "auto", max_crop_mm: float = 100.0) -> dict[str, list[dict]]:
     """Crop and head cases: by field of view (`scripts.head.input_kind`) for `auto`, or all of one `kind`."""
     kind = look_up_option(str(kind), ("auto", "crop", "head"))
     split: dict[str, list[dict]] = {"crop": [], "head": []}
     for case in cases:
-        split[input_kind(case["image"]) if kind == "auto" else kind].append(case)
+        split[input_kind(case["image"], max_crop_mm) if kind == "auto" else kind].append(case)
     return split
 
 

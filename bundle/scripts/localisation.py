@@ -43,12 +43,16 @@ class BrainExtraction:
         device: where deepbet's networks run.
         amp: mixed precision: fp16 on CUDA, bf16 on CPU (give it only where the CPU has native bf16).
         threshold: deepbet's probability threshold for the brain.
+        grid_size: the side (voxels) of the cube the brain's box is resampled to for deepbet's large network
+            (deepbet's own: 256).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", amp: bool = False, threshold: float = 0.5) -> None:
+    def __init__(self, device: torch.device | str = "cpu", amp: bool = False, threshold: float = 0.5,
+                 grid_size: int = 256) -> None:
         self.device = torch.device(device)
         self.amp = bool(amp)
         self.threshold = threshold
+        self.grid_size = grid_size
         self._networks = None
 
     def _load(self):
@@ -91,7 +95,7 @@ class BrainExtraction:
         box_mask = keep_largest_connected_component((box_probability > 0.5).float().cpu().numpy())
         # deepbet's postprocess reads the box from its `bbox`
         networks.bbox = box = networks.get_bbox_with_margin(torch.from_numpy(box_mask), image.shape, 0.1)
-        inside = F.interpolate(image[box][None, None], (256,) * 3, mode="nearest-exact")[0, 0]
+        inside = F.interpolate(image[box][None, None], (self.grid_size,) * 3, mode="nearest-exact")[0, 0]
         with autocast:
             probability = networks.model(normalize(inside, low, high)[None, None])[0, 1].float()
         brain = torch.zeros_like(image)

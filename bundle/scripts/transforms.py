@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 
 import torch
-from monai.data import ImageReader, NibabelReader
+from monai.config import KeysCollection
+from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.transforms import MapTransform
 
 FREESURFER_SUFFIXES = (".mgz", ".mgh")
@@ -18,10 +19,16 @@ def image_reader(path: str) -> ImageReader | None:
 
 
 class RejectInvalidImaged(MapTransform):
-    """Raises ValueError for an image that is not one 3D volume, has NaN or infinite voxels, or is constant.
+    """Raises ValueError for an image that is not one 3D volume, has NaN or infinite voxels, or is constant, and
+    with `max_field_of_view_mm`, for one with a side at least that long (a whole head where a crop is expected).
 
     Place it after EnsureChannelFirstd: a 4D file with one volume passes as one channel, with more it fails.
     """
+
+    def __init__(self, keys: KeysCollection, max_field_of_view_mm: float | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_field_of_view_mm = max_field_of_view_mm
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -32,6 +39,14 @@ class RejectInvalidImaged(MapTransform):
                     f"expected one 3D volume, got an image of shape {tuple(image.shape)} "
                     f"(channel first: {image.shape[0]} volume(s))."
                 )
+            if self.max_field_of_view_mm is not None and isinstance(image, MetaTensor):
+                extent = [float(n * s) for n, s in zip(image.shape[1:], image.pixdim)]
+                if max(extent) >= self.max_field_of_view_mm:
+                    raise ValueError(
+                        f"a field of view of {[round(e) for e in extent]} mm is no hippocampus crop (every side under "
+                        f"{self.max_field_of_view_mm:g} mm): a whole head is segmented by the bundle's command line, "
+                        "which finds each hippocampus first."
+                    )
             finite = torch.isfinite(image)
             if not finite.all():
                 raise ValueError(f"{int((~finite).sum())} voxel(s) are NaN or infinite.")
