@@ -29,6 +29,8 @@ NOT_RUN = {
     "scripts.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
     "scripts.failure_set": "a measurement on the real dev heads (150 heads, about 15 minutes); tests/test_failure_set.py "
                            "checks its copies",
+    "tests/clients/setup_monailabel.sh": "builds MONAI Label's own environment (8.2 GB, minutes)",
+    "tests/clients/monailabel_infer.py": "runs in MONAI Label's environment: tests/test_clients.py runs it where that exists",
 }
 # shortened through the command line: flag -> value (replaced where the command sets it, else appended)
 SHORTER = {
