@@ -17,7 +17,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, 
 from scipy import ndimage
 
 from scripts import BUNDLE_DIR
-from scripts.localisation import RAS_TO_LPS, BrainExtraction, HeadError, Registration, TemplateRegistration
+from scripts.localisation import RAS_TO_LPS, BrainExtraction, HeadError, Registration, TemplateRegistration, reversed_axes
 from scripts.transforms import RejectInvalidImaged, image_reader
 
 SIDES = ("left", "right")
@@ -56,10 +56,9 @@ def input_kind(path: str, max_crop_mm: float = 100.0) -> str:
 
 def to_sitk(image: MetaTensor) -> sitk.Image:
     """A channel-first MONAI image (RAS affine) as a SimpleITK image (LPS physical space) with the same voxels."""
-    array = image[0].detach().cpu().numpy().astype(np.float32)
     affine = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :4]
     spacing = np.linalg.norm(affine[:, :3], axis=0)
-    result = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+    result = sitk.GetImageFromArray(reversed_axes(image[0].detach().cpu().float()))
     result.SetSpacing(spacing.tolist())
     result.SetDirection((affine[:, :3] / spacing).flatten().tolist())
     result.SetOrigin(affine[:, 3].tolist())
@@ -180,13 +179,14 @@ class HeadSegmenter:
         direction = (RAS_TO_LPS @ box_affine[:3, :3]).flatten().tolist()
         box = sitk.Resample(head, shape, sitk.Transform(), sitk.sitkLinear, origin, [1.0] * 3, direction, 0.0,
                             sitk.sitkFloat32)
-        ones = sitk.Image(head.GetSize(), sitk.sitkUInt8) + 1
-        ones.CopyInformation(head)
-        inside = sitk.Resample(ones, shape, sitk.Transform(), sitk.sitkNearestNeighbor, origin, [1.0] * 3, direction, 0,
-                               sitk.sitkUInt8)
-        coverage = float(sitk.GetArrayViewFromImage(inside).mean())
-        if check_coverage and coverage < self.min_box_coverage:
-            raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
+        if check_coverage:
+            ones = sitk.Image(head.GetSize(), sitk.sitkUInt8) + 1
+            ones.CopyInformation(head)
+            inside = sitk.Resample(ones, shape, sitk.Transform(), sitk.sitkNearestNeighbor, origin, [1.0] * 3, direction,
+                                   0, sitk.sitkUInt8)
+            coverage = float(sitk.GetArrayViewFromImage(inside).mean())
+            if coverage < self.min_box_coverage:
+                raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
 
         # to the model the box is a 1 mm RAS image: its rotation in the scan is applied when pasting back
         array = torch.from_numpy(sitk.GetArrayFromImage(box).transpose(2, 1, 0).copy())
