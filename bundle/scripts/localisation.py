@@ -87,7 +87,7 @@ class BrainExtraction:
     @torch.no_grad()
     def _brain(self, image: torch.Tensor) -> np.ndarray:
         """deepbet's `run_model` and `postprocess` (a box from its small network at 128^3, the brain from its large
-        one at 256^3 in the box), with the intensity percentiles from `kthvalue`: `torch.quantile` took 0.5 s."""
+        one at `grid_size`^3 in the box), with the intensity percentiles from `kthvalue`: `torch.quantile` took 0.5 s."""
         from deepbet.utils import keep_largest_connected_component, normalize
 
         networks = self._load()
