@@ -17,6 +17,7 @@ from monai.transforms import LoadImaged, SaveImaged
 from monai.utils import ensure_tuple
 
 from conftest import BUNDLE_DIR, REPO_DIR
+from scripts.recipe import load
 
 CONFIGS = os.path.join(BUNDLE_DIR, "configs")
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
@@ -27,11 +28,7 @@ RECIPES = {"native": (["inference.yaml"], ["train.yaml", "train_native.yaml"]),
 
 
 def parse(config_files, **overrides):
-    parser = ConfigParser()
-    parser.read_config([os.path.join(CONFIGS, name) for name in config_files])
-    parser.update({"bundle_root": BUNDLE_DIR, **overrides})
-    parser.parse()
-    return parser
+    return load(BUNDLE_DIR, [os.path.join("configs", name) for name in config_files], overrides)
 
 
 def metadata():
@@ -77,8 +74,8 @@ def monai_label_mask(image: str, device) -> np.ndarray:
     parser.read_config(os.path.join(CONFIGS, "inference.yaml"))
     parser.config.update({"bundle_root": BUNDLE_DIR})
     network = parser.get_parsed_content("network_def", instantiate=True)
-    image_key = next(iter(metadata()["network_data_format"]["inputs"]))
-    pred_key = next(iter(metadata()["network_data_format"]["outputs"]))
+    formats = metadata()["network_data_format"]
+    image_key, pred_key = next(iter(formats["inputs"])), next(iter(formats["outputs"]))
     checkpoint = torch.load(os.path.join(BUNDLE_DIR, "models", "model.pt"), map_location="cpu")
     weights = checkpoint.get("model", checkpoint)
     assert set(weights) == set(network.state_dict())  # MONAI Label loads non-strict: a mismatch would pass silently

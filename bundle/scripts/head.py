@@ -143,8 +143,9 @@ class HeadSegmenter:
         for side in SIDES:
             box_affine, box_shape = self._box_in_scan(registration, side)
             probabilities = self._keep_largest_piece(self._segment_box(head, box_affine, box_shape, side), side)
-            confident[side] = probabilities.max(0)[probabilities.argmax(0) > 0]
-            agreement[side] = self._agreement(head, box_affine, box_shape, side, probabilities.argmax(0) > 0)
+            hippocampus = probabilities.argmax(0) > 0
+            confident[side] = probabilities.max(0)[hippocampus]
+            agreement[side] = self._agreement(head, box_affine, box_shape, side, hippocampus)
             self._paste(probabilities, box_affine, affine, labels, foreground, HEAD_LABELS[side])
         times["segmentation_s"] = time.perf_counter() - start
 
