@@ -13,7 +13,7 @@ import torch.distributed as dist
 from monai.data import DataLoader, Dataset, list_data_collate
 from monai.utils import look_up_option
 
-from scripts import BundleError, bids
+from scripts import BundleError, bids, distributed
 from scripts.head import input_kind
 from scripts.inputs import Inputs, check_output_dir
 from scripts.qc import QualityCheck, draw_qc_png, write_volumes
@@ -172,8 +172,8 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
            metadata_file: str, qc_png: bool = False, dicom_seg: bool = False, html_report: bool = True) -> None:
     """Writes the volumes table, QC pictures (with `qc_png` or `html_report`), for DICOM series with `dicom_seg` a
     DICOM SEG beside the mask, for the BIDS layout the derivative's dataset files and each mask's sidecar, and with
-    `html_report` the cohort report; logs one summary line covering every process's cases, and exits non-zero when
-    any case failed or its mask (or SEG) is missing. `metadata_file` (the bundle's metadata.json) names the bundle."""
+    `html_report` the cohort report; logs one summary line covering every process's cases, leaves the process group
+    (under torchrun), and exits non-zero when any case failed or its mask (or SEG) is missing. `metadata_file` (the bundle's metadata.json) names the bundle."""
     with open(metadata_file, encoding="utf-8") as f:
         metadata = json.load(f)
     failed = crops.failures + heads.failures
@@ -209,10 +209,21 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
         dist.all_gather_object(gathered, (rows, failed))
         rows = [row for part, _ in gathered for row in part]
         failed = [failure for _, part in gathered for failure in part]
-        if dist.get_rank() != 0:
-            if failed:
-                raise BundleError(f"{len(failed)} case(s) failed; rank 0 lists them.")
-            return
+    main_process = distributed.is_main_process()
+    if main_process:
+        _write_run_files(inputs, rows, failed, quality, metadata, html_report)
+    # under torchrun a process that exits non-zero gets the others stopped: none leaves before rank 0's table is written
+    distributed.finalize()
+    if failed and not main_process:
+        raise BundleError(f"{len(failed)} case(s) failed; rank 0 lists them.")
+    if failed:
+        lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
+        raise BundleError(f"{len(failed)} case(s) failed:\n{lines}")
+
+
+def _write_run_files(inputs: Inputs, rows: list[dict], failed: list[tuple[str, str]], quality: QualityCheck,
+                     metadata: dict, html_report: bool) -> None:
+    """The run's volumes table, BIDS dataset files, cohort report and summary line, from every process's rows."""
     table_file, table = write_volumes(inputs, rows, quality)
     if inputs.bids:
         bids.write_dataset_files(inputs.output_dir, inputs.root, metadata)
@@ -232,6 +243,3 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
     flagged = sum(row["qc"] != "pass" for row in rows)
     logger.info(f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
                 f"in {os.path.basename(table_file)}, output in {inputs.output_dir}.")
-    if failed:
-        lines = "\n".join(f"  {image}: {reason}" for image, reason in failed)
-        raise BundleError(f"{len(failed)} case(s) failed:\n{lines}")
