@@ -22,7 +22,9 @@ class HeadError(ValueError):
 def resample_isotropic(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) -> sitk.Image:
     """`image` resampled to `spacing` mm in its own orientation. Going down, it is first averaged over whole blocks
     of voxels (`BinShrink`, fast on 0.5 mm heads), then smoothed where its voxels are still at least 20% finer
-    (anti-aliasing)."""
+    (anti-aliasing). An image already at `spacing` comes back as it is."""
+    if np.allclose(image.GetSpacing(), spacing, rtol=0, atol=1e-4):
+        return image
     if interpolator == sitk.sitkLinear:
         factors = [max(1, int(spacing / s + 1e-3)) for s in image.GetSpacing()]
         if max(factors) > 1:
@@ -33,6 +35,16 @@ def resample_isotropic(image: sitk.Image, spacing: float, interpolator=sitk.sitk
     size = [max(1, int(round(n * s / spacing))) for n, s in zip(image.GetSize(), image.GetSpacing())]
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), [spacing] * 3,
                          image.GetDirection(), 0.0, image.GetPixelID())
+
+
+def nonzero_box(array: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of `array`'s non-zero voxels (empty slices if none), from its projections on each axis:
+    `np.argwhere` on a head's brain mask took 0.07 s."""
+    box = []
+    for axis in range(array.ndim):
+        hits = np.flatnonzero(array.any(axis=tuple(other for other in range(array.ndim) if other != axis)))
+        box.append(slice(hits[0], hits[-1] + 1) if hits.size else slice(0, 0))
+    return tuple(box)
 
 
 def reversed_axes(array: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -73,14 +85,15 @@ class BrainExtraction:
         return self._networks
 
     def __call__(self, head: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
-        """The head at 1 mm in RAS voxel order and its brain mask (uint8) on the same grid."""
-        canonical = sitk.DICOMOrient(resample_isotropic(head, 1.0), "RAS")
-        array = reversed_axes(sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False))  # x, y, z along R, A, S
+        """The head at 1 mm with its voxel axes along S, A, R and its brain mask (uint8) on the same grid."""
+        # SimpleITK's arrays list axes last to first: this one's are along R, A, S, as deepbet was trained
+        canonical = sitk.DICOMOrient(resample_isotropic(head, 1.0), "SAR")
+        array = sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False)
         try:
             mask = self._brain(torch.from_numpy(array))
         except (AssertionError, ValueError):  # deepbet asserts (or fails in argmax) when it finds no brain at all
             raise HeadError("brain extraction found no brain (is this a T1-weighted head?)") from None
-        result = sitk.GetImageFromArray(reversed_axes(mask.astype(np.uint8)))
+        result = sitk.GetImageFromArray(mask.astype(np.uint8))
         result.CopyInformation(canonical)
         return canonical, result
 
@@ -139,9 +152,9 @@ def _normalised_brain(image: sitk.Image, mask: sitk.Image, spacing: float) -> tu
     """The brain's intensities scaled to its 99th percentile (0 outside the mask), and the mask, at `spacing` mm,
     in the mask's bounding box with a margin of `spacing`."""
     inside = sitk.GetArrayViewFromImage(mask) > 0  # not empty: the eTIV range check comes first
-    corners = np.argwhere(inside)
-    start = np.maximum(corners.min(0) - 2, 0)[::-1]  # numpy z, y, x -> SimpleITK x, y, z
-    size = np.minimum(corners.max(0) + 3, inside.shape)[::-1] - start
+    box = nonzero_box(inside)
+    start = np.maximum([s.start - 2 for s in box], 0)[::-1]  # numpy z, y, x -> SimpleITK x, y, z
+    size = np.minimum([s.stop + 2 for s in box], inside.shape)[::-1] - start
     image, mask = (sitk.RegionOfInterest(i, size.tolist(), start.tolist()) for i in (image, mask))
     values = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(mask) > 0]
     high = float(np.percentile(values[:: max(1, values.size // 200_000)], 99)) or 1.0
