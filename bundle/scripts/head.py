@@ -65,6 +65,19 @@ def to_sitk(image: MetaTensor) -> sitk.Image:
     return result
 
 
+def _coverage(head: sitk.Image, box_affine: np.ndarray, shape: Sequence[int]) -> float:
+    """The fraction of the box's voxels (`box_affine`: box voxel to RAS mm) whose nearest voxel of `head` lies
+    inside it."""
+    to_index = np.linalg.inv(np.reshape(head.GetDirection(), (3, 3)) * np.asarray(head.GetSpacing()))
+    box_to_index = to_index @ RAS_TO_LPS @ box_affine[:3]  # 3x4: box voxel to the head's continuous index
+    index = box_to_index[:, 3, None, None, None] - (to_index @ np.asarray(head.GetOrigin()))[:, None, None, None]
+    for axis, n in enumerate(shape):
+        steps = np.arange(n).reshape([-1 if a == axis else 1 for a in range(3)])
+        index = index + box_to_index[:, axis, None, None, None] * steps
+    index = np.rint(index)
+    return float(np.all((index >= 0) & (index < np.reshape(head.GetSize(), (3, 1, 1, 1))), axis=0).mean())
+
+
 class HeadSegmenter:
     """Segments both hippocampi of a whole-head scan and writes `<case>_seg.nii.gz` on the scan's own grid with
     labels 1 left anterior, 2 left posterior, 3 right anterior, 4 right posterior.
@@ -181,11 +194,7 @@ class HeadSegmenter:
         box = sitk.Resample(head, shape, sitk.Transform(), sitk.sitkLinear, origin, [1.0] * 3, direction, 0.0,
                             sitk.sitkFloat32)
         if check_coverage:
-            ones = sitk.Image(head.GetSize(), sitk.sitkUInt8) + 1
-            ones.CopyInformation(head)
-            inside = sitk.Resample(ones, shape, sitk.Transform(), sitk.sitkNearestNeighbor, origin, [1.0] * 3, direction,
-                                   0, sitk.sitkUInt8)
-            coverage = float(sitk.GetArrayViewFromImage(inside).mean())
+            coverage = _coverage(head, box_affine, shape)
             if coverage < self.min_box_coverage:
                 raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
 

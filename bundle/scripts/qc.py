@@ -74,7 +74,7 @@ class QualityCheck:
                        for part, label in zip(PARTS, side_labels)} if kind == "head" else {"anterior": 1, "posterior": 2})
         counts = np.bincount(labels.ravel(), minlength=5)
         volumes = {name: float(counts[label]) * voxel for name, label in structures.items()}
-        boxes = ndimage.find_objects(labels)  # each label's bounding box, where its pieces are counted (heads are large)
+        boxes = ndimage.find_objects(labels) if labels.size else []  # each label's bounding box, where its pieces are counted (heads are large)
         review, fail = [], []
         scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
         for name, label in structures.items():
