@@ -17,7 +17,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, 
 from scipy import ndimage
 
 from scripts import BUNDLE_DIR
-from scripts.localisation import RAS_TO_LPS, BrainExtraction, HeadError, Registration, TemplateRegistration, reversed_axes
+from scripts.localisation import RAS_TO_LPS, BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.transforms import RejectInvalidImaged, image_reader
 
 SIDES = ("left", "right")
@@ -55,12 +55,20 @@ def input_kind(path: str, max_crop_mm: float = 100.0) -> str:
 
 
 def to_sitk(image: MetaTensor) -> sitk.Image:
-    """A channel-first MONAI image (RAS affine) as a SimpleITK image (LPS physical space) with the same voxels."""
+    """A channel-first MONAI image (RAS affine) as a SimpleITK image (LPS physical space) with the same voxels, without
+    reordering them: SimpleITK lists an array's axes last to first, so a C-ordered array's image has its axes in
+    reverse order, and its direction and spacing say so."""
+    array = image[0].detach().cpu().float().numpy()
+    if array.flags.f_contiguous:
+        data, axes = array.transpose(2, 1, 0), [0, 1, 2]  # SimpleITK's axis i is the array's axis i
+    else:
+        data, axes = np.ascontiguousarray(array), [2, 1, 0]
     affine = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :4]
-    spacing = np.linalg.norm(affine[:, :3], axis=0)
-    result = sitk.GetImageFromArray(reversed_axes(image[0].detach().cpu().float()))
+    matrix = affine[:, axes]
+    spacing = np.linalg.norm(matrix, axis=0)
+    result = sitk.GetImageFromArray(data)
     result.SetSpacing(spacing.tolist())
-    result.SetDirection((affine[:, :3] / spacing).flatten().tolist())
+    result.SetDirection((matrix / spacing).flatten().tolist())
     result.SetOrigin(affine[:, 3].tolist())
     return result
 

@@ -47,13 +47,6 @@ def nonzero_box(array: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def reversed_axes(array: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A contiguous copy of a 3D array with its axes reversed (x, y, z <-> SimpleITK's z, y, x), made by torch's
-    threads: numpy's strided copy of a 256^3 head took twice as long."""
-    tensor = torch.as_tensor(array)
-    return tensor.permute(2, 1, 0).contiguous().numpy()
-
-
 class BrainExtraction:
     """deepbet 1.0.2 (Fisch et al. 2024, MIT; its TorchScript weights come inside its wheel) on a head resampled to
     1 mm in RAS voxel order, as it was trained, so thick slices and 0.5 mm scans look alike to it.
