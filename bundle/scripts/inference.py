@@ -173,7 +173,8 @@ def report(inputs: Inputs, crops: CaseStream, heads: HeadCases, confidence: Conf
     """Writes the volumes table, QC pictures (with `qc_png` or `html_report`), for DICOM series with `dicom_seg` a
     DICOM SEG beside the mask, for the BIDS layout the derivative's dataset files and each mask's sidecar, and with
     `html_report` the cohort report; logs one summary line covering every process's cases, leaves the process group
-    (under torchrun), and exits non-zero when any case failed or its mask (or SEG) is missing. `metadata_file` (the bundle's metadata.json) names the bundle."""
+    (under torchrun), and exits non-zero when any case failed or its mask (or SEG) is missing. `metadata_file` (the
+    bundle's metadata.json) names the bundle."""
     with open(metadata_file, encoding="utf-8") as f:
         metadata = json.load(f)
     failed = crops.failures + heads.failures
