@@ -58,15 +58,10 @@ def to_sitk(image: MetaTensor) -> sitk.Image:
     """A channel-first MONAI image (RAS affine) as a SimpleITK image (LPS physical space) with the same voxels, without
     reordering them: SimpleITK lists an array's axes last to first, so a C-ordered array's image has its axes in
     reverse order, and its direction and spacing say so."""
-    array = image[0].detach().cpu().float().numpy()
-    if array.flags.f_contiguous:
-        data, axes = array.transpose(2, 1, 0), [0, 1, 2]  # SimpleITK's axis i is the array's axis i
-    else:
-        data, axes = np.ascontiguousarray(array), [2, 1, 0]
     affine = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :4]
-    matrix = affine[:, axes]
+    matrix = affine[:, 2::-1]  # SimpleITK's axis i is the array's axis 2 - i
     spacing = np.linalg.norm(matrix, axis=0)
-    result = sitk.GetImageFromArray(data)
+    result = sitk.GetImageFromArray(np.ascontiguousarray(image[0].detach().cpu().float().numpy()))
     result.SetSpacing(spacing.tolist())
     result.SetDirection((matrix / spacing).flatten().tolist())
     result.SetOrigin(affine[:, 3].tolist())
