@@ -68,17 +68,15 @@ def to_sitk(image: MetaTensor) -> sitk.Image:
     return result
 
 
-def _coverage(head: sitk.Image, box_affine: np.ndarray, shape: Sequence[int]) -> float:
-    """The fraction of the box's voxels (`box_affine`: box voxel to RAS mm) whose nearest voxel of `head` lies
-    inside it."""
-    to_index = np.linalg.inv(np.reshape(head.GetDirection(), (3, 3)) * np.asarray(head.GetSpacing()))
-    box_to_index = to_index @ RAS_TO_LPS @ box_affine[:3]  # 3x4: box voxel to the head's continuous index
-    index = box_to_index[:, 3, None, None, None] - (to_index @ np.asarray(head.GetOrigin()))[:, None, None, None]
-    for axis, n in enumerate(shape):
+def _coverage(box_to_scan: np.ndarray, box_shape: Sequence[int], scan_shape: Sequence[int]) -> float:
+    """The fraction of a box's voxels whose nearest scan voxel lies inside the scan (`box_to_scan`: box voxel to scan
+    voxel, 4x4)."""
+    index = box_to_scan[:3, 3].reshape(3, 1, 1, 1)
+    for axis, n in enumerate(box_shape):
         steps = np.arange(n).reshape([-1 if a == axis else 1 for a in range(3)])
-        index = index + box_to_index[:, axis, None, None, None] * steps
+        index = index + box_to_scan[:3, axis].reshape(3, 1, 1, 1) * steps
     index = np.rint(index)
-    return float(np.all((index >= 0) & (index < np.reshape(head.GetSize(), (3, 1, 1, 1))), axis=0).mean())
+    return float(np.all((index >= 0) & (index < np.reshape(scan_shape, (3, 1, 1, 1))), axis=0).mean())
 
 
 class HeadSegmenter:
@@ -158,10 +156,13 @@ class HeadSegmenter:
         agreement = {}
         for side in SIDES:
             box_affine, box_shape = self._box_in_scan(registration, side)
-            probabilities = self._keep_largest_piece(self._segment_box(head, box_affine, box_shape, side), side)
+            coverage = _coverage(np.linalg.inv(affine) @ box_affine, box_shape, labels.shape)
+            if coverage < self.min_box_coverage:
+                raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
+            probabilities = self._keep_largest_piece(self._segment_box(head, box_affine, box_shape), side)
             hippocampus = probabilities.argmax(0) > 0
             confident[side] = probabilities.max(0)[hippocampus]
-            agreement[side] = self._agreement(head, box_affine, box_shape, side, hippocampus)
+            agreement[side] = self._agreement(head, box_affine, box_shape, hippocampus)
             self._paste(probabilities, box_affine, affine, labels, foreground, HEAD_LABELS[side])
         times["segmentation_s"] = time.perf_counter() - start
 
@@ -188,18 +189,12 @@ class HeadSegmenter:
         box_affine[:3, 3] = centre - rotation @ (np.array(shape) - 1) / 2
         return box_affine, shape
 
-    def _segment_box(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int], side: str,
-                     check_coverage: bool = True) -> np.ndarray:
-        """Softmax probabilities (3, *shape) on the box grid; with `check_coverage`, raises for a box that lies
-        too far outside the image."""
+    def _segment_box(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int]) -> np.ndarray:
+        """Softmax probabilities (3, *shape) on the box grid."""
         origin = (RAS_TO_LPS @ box_affine[:3, 3]).tolist()
         direction = (RAS_TO_LPS @ box_affine[:3, :3]).flatten().tolist()
         box = sitk.Resample(head, shape, sitk.Transform(), sitk.sitkLinear, origin, [1.0] * 3, direction, 0.0,
                             sitk.sitkFloat32)
-        if check_coverage:
-            coverage = _coverage(head, box_affine, shape)
-            if coverage < self.min_box_coverage:
-                raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
 
         # to the model the box is a 1 mm RAS image: its rotation in the scan is applied when pasting back
         array = torch.from_numpy(sitk.GetArrayFromImage(box).transpose(2, 1, 0).copy())
@@ -212,14 +207,13 @@ class HeadSegmenter:
         probabilities = Invertd("pred", self.box_preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
         return np.asarray(probabilities, dtype=np.float32)
 
-    def _agreement(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int], side: str,
-                   hippocampus: np.ndarray) -> float:
+    def _agreement(self, head: sitk.Image, box_affine: np.ndarray, shape: list[int], hippocampus: np.ndarray) -> float:
         """Dice of `hippocampus` (the side's mask on the box grid) with that of the box moved by
         `agreement_shift_mm`, where the two boxes overlap."""
         shift = self.agreement_shift_mm
         moved = box_affine.copy()
         moved[:3, 3] += box_affine[:3, :3] @ shift
-        shifted = self._segment_box(head, moved, shape, side, check_coverage=False).argmax(0) > 0
+        shifted = self._segment_box(head, moved, shape).argmax(0) > 0
         # voxel v of the moved box is voxel v + shift of this one
         here = tuple(slice(max(s, 0), n + min(s, 0)) for s, n in zip(shift, shape))
         there = tuple(slice(max(-s, 0), n - max(s, 0)) for s, n in zip(shift, shape))
