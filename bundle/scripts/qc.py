@@ -67,14 +67,15 @@ class QualityCheck:
         """The `volumes.csv` row of one written mask; `head` is the head segmenter's result, None for a crop."""
         mask = nib.load(mask_file)
         labels = np.asarray(mask.dataobj, dtype=np.uint8)
-        labels = labels[nonzero_box(labels)]  # counting all of a head's mask took 0.1 s
+        if labels.any():
+            labels = labels[nonzero_box(labels)]  # counting all of a head's mask took 0.1 s
         voxel = abs(float(np.linalg.det(mask.affine[:3, :3])))
-        kind = "head" if head is not None or labels.max(initial=0) > 2 else "crop"
+        kind = "head" if head is not None or labels.max() > 2 else "crop"
         structures = ({f"{side} {part}": label for side, side_labels in HEAD_LABELS.items()
                        for part, label in zip(PARTS, side_labels)} if kind == "head" else {"anterior": 1, "posterior": 2})
         counts = np.bincount(labels.ravel(), minlength=5)
         volumes = {name: float(counts[label]) * voxel for name, label in structures.items()}
-        boxes = ndimage.find_objects(labels) if labels.size else []  # each label's box, where its pieces are counted
+        boxes = ndimage.find_objects(labels)  # each label's bounding box, where its pieces are counted (heads are large)
         review, fail = [], []
         scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
         for name, label in structures.items():
