@@ -9,7 +9,7 @@ bash setup.sh
 DEMO="$PWD/demo"
 rm -rf "$DEMO"
 cd bundle
-../.venv/bin/python -m scripts.synthetic --output_dir "$DEMO/Task04_Synthetic" --num_cases 24
+../.venv/bin/python -m scripts.data.synthetic --output_dir "$DEMO/Task04_Synthetic" --num_cases 24
 ../.venv/bin/python -m monai.bundle run training --config_file configs/train.yaml \
     --dataset_dir "$DEMO/Task04_Synthetic" --output_dir "$DEMO/train" --ckpt_dir "$DEMO/models" --epochs 2
 ../.venv/bin/python -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/evaluate.yaml']" \

@@ -21,6 +21,6 @@ sys.path.insert(0, BUNDLE_DIR)
 @pytest.fixture(scope="session")
 def synthetic_task(tmp_path_factory):
     """A small synthetic MSD task folder shared by the tests that only read it."""
-    from scripts.synthetic import make_synthetic_dataset
+    from scripts.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("synthetic") / "Task04_Hippocampus"), num_cases=12)

@@ -9,7 +9,7 @@ import time
 import pytest
 from ignite.engine import Engine
 
-from scripts.handlers import ThroughputLogger
+from scripts.engine.handlers import ThroughputLogger
 
 
 def _engine(sleep_s: float = 0.003) -> Engine:
@@ -17,13 +17,13 @@ def _engine(sleep_s: float = 0.003) -> Engine:
 
 
 def test_throughput_logger_logs_only_after_warmup(caplog):
-    caplog.set_level(logging.INFO, logger="scripts.handlers")
+    caplog.set_level(logging.INFO, logger="scripts.engine.handlers")
     engine = _engine()
     timer = ThroughputLogger(batch_size=4, warmup_steps=4)
     timer.attach(engine)
     engine.run(range(3), max_epochs=3)  # iterations 1-4 are warm-up: none in epoch 1, 2 in epoch 2, 3 in epoch 3
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "scripts.handlers"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "scripts.engine.handlers"]
     assert not any("epoch 1:" in line for line in lines)
     counted = {what: int(n) for what, n in (re.search(r"Throughput (epoch \d|run): .* over (\d+) steps", line).groups()
                                             for line in lines)}
@@ -56,12 +56,12 @@ def test_throughput_logger_times_the_batch_fetch():
 
 
 def test_throughput_logger_silent_during_warmup(caplog):
-    caplog.set_level(logging.INFO, logger="scripts.handlers")
+    caplog.set_level(logging.INFO, logger="scripts.engine.handlers")
     engine = _engine()
     timer = ThroughputLogger(batch_size=2, warmup_steps=10)
     timer.attach(engine)
     engine.run(range(2), max_epochs=2)
-    assert not [r for r in caplog.records if r.name == "scripts.handlers"]
+    assert not [r for r in caplog.records if r.name == "scripts.engine.handlers"]
     assert timer.summary() == {"steps": 0} and math.isnan(timer.images_per_second())
 
 
@@ -69,7 +69,7 @@ def test_throughput_logger_from_config():
     """The lead wires it into train.yaml as a handler: it must build from a plain config entry."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser({"batch_size": 8, "handler": {"_target_": "scripts.handlers.ThroughputLogger",
+    parser = ConfigParser({"batch_size": 8, "handler": {"_target_": "scripts.engine.handlers.ThroughputLogger",
                                                         "batch_size": "@batch_size"}})
     handler = parser.get_parsed_content("handler")
     assert isinstance(handler, ThroughputLogger) and handler.batch_size == 8 and handler.warmup_steps == 10

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BUNDLE_DIR
 from scripts import BundleError
-from scripts.head_check import make_heads
+from tools.head_check import make_heads
 from test_inference import run_inference
 
 SCANS = {"sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz": "template",
@@ -94,7 +94,7 @@ def test_volumes_tsv_has_participants_sessions_and_etiv_fractions(bids_run):
 
 
 def test_participant_and_session_labels_select_scans(bids_dataset, tmp_path):
-    from scripts.inputs import Inputs
+    from scripts.inference.inputs import Inputs
 
     def chosen(**labels):
         return sorted(os.path.relpath(p, bids_dataset) for p in Inputs(str(bids_dataset), str(tmp_path), **labels).paths)
@@ -122,7 +122,7 @@ def test_a_single_scan_is_an_input(synthetic_task, bids_dataset, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == [name, "volumes.csv"]
     assert nib.load(str(tmp_path / "out" / name)).shape == nib.load(crop).shape
     # a scan inside a BIDS dataset keeps its BIDS name and folder
-    from scripts.inputs import Inputs
+    from scripts.inference.inputs import Inputs
 
     scan = str(bids_dataset / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_T1w.nii.gz")
     inputs = Inputs(scan, str(tmp_path / "bids_out"))
@@ -160,19 +160,22 @@ def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_r
     its picture, and both plots with the flagged case in red are on the screen."""
     from PIL import Image
 
-    from scripts.report import FLAGGED_COLOUR, OK_COLOUR, write_report
+    from scripts.inference.report import FLAGGED_COLOUR, OK_COLOUR, write_report
+
+    from scripts.qc.check import CaseRow
 
     with open(bids_run / "volumes.tsv", newline="") as f:
-        rows = [{k: "" if v == "n/a" else v for k, v in row.items()} for row in csv.DictReader(f, delimiter="\t")]
+        rows = [CaseRow.from_columns({k: "" if v == "n/a" else v for k, v in row.items()})
+                for row in csv.DictReader(f, delimiter="\t")]
     for row in rows:
-        row.update(qc="pass", qc_reasons="")
-    flagged = rows[1]["case"]
-    rows[1].update(qc="review", qc_reasons="left anterior 900 mm3 outside 1000-2400")
-    from scripts.inputs import Inputs
+        row.qc, row.reasons = "pass", []
+    flagged = rows[1].case
+    rows[1].qc, rows[1].reasons = "review", ["left anterior 900 mm3 outside 1000-2400"]
+    from scripts.inference.inputs import Inputs
 
     inputs = Inputs(str(bids_dataset), str(bids_run))
     pictures = {inputs.case(path): inputs.qc_png_path(path) for path in inputs.paths}
-    assert sorted(pictures) == sorted(row["case"] for row in rows) and all(map(os.path.isfile, pictures.values()))
+    assert sorted(pictures) == sorted(row.case for row in rows) and all(map(os.path.isfile, pictures.values()))
     report = tmp_path / "report.html"
     write_report(str(report), rows, [("sub-03/anat/sub-03_T1w.nii.gz", "ValueError: noise")], pictures, "test")
     page = report.read_text()

@@ -1,4 +1,4 @@
-"""Tests for bundle/scripts/check_dataset.py: every kind of bad case is reported with its file and a reason."""
+"""Tests for bundle/scripts/data/check_dataset.py: every kind of bad case is reported with its file and a reason."""
 
 import json
 import logging
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_DIR
-from scripts.check_dataset import BadDatasetError, check_case, check_dataset
-from scripts.data import load_training_list
+from scripts.data.check_dataset import BadDatasetError, check_case, check_dataset
+from scripts.data.msd import load_training_list
 
 LABELS = {0, 1, 2}
 
@@ -150,7 +150,7 @@ def test_4d_with_one_volume_is_a_warning(task, caplog):
     errors, warnings = check_case(load_training_list(task)[1], LABELS)
     assert errors == []
     assert len(warnings) == 1 and warnings[0].startswith(image) and "4D with one volume, squeezed" in warnings[0]
-    with caplog.at_level(logging.WARNING, logger="scripts.check_dataset"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.check_dataset"):
         cases = check_dataset(task)
     assert len(cases) == 12 and cases[1]["image"] == image
     assert any(image in r.getMessage() and "squeezed" in r.getMessage() for r in caplog.records)
@@ -162,7 +162,7 @@ def test_skip_bad_cases_drops_exactly_the_bad_ones(task, caplog):
         corrupt(task, idx)
     _one_volume(task, 11)  # only a warning: kept
     all_cases = load_training_list(task)
-    with caplog.at_level(logging.WARNING, logger="scripts.check_dataset"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.check_dataset"):
         cases = check_dataset(task, skip_bad_cases=True)
     assert cases == [c for i, c in enumerate(all_cases, start=1) if i not in bad]
     dropped = "\n".join(r.getMessage() for r in caplog.records)
@@ -183,7 +183,7 @@ def test_skip_bad_cases_with_no_good_case_left(task):
 
 def _cli(dataset_dir):
     return subprocess.run(
-        [sys.executable, "-m", "scripts.check_dataset", "--dataset_dir", dataset_dir],
+        [sys.executable, "-m", "scripts.data.check_dataset", "--dataset_dir", dataset_dir],
         cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120,
     )
 

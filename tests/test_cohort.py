@@ -141,32 +141,34 @@ def write_mask(path, labels, spacing=1.0):
 
 
 def test_quality_flags(tmp_path):
-    from scripts.qc import QualityCheck
+    from scripts.qc.check import CaseRow, QualityCheck
 
     check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, min_confidence=0.9)
     labels = np.zeros((40, 40, 40), np.uint8)
     labels[5:17, 5:17, 5:17] = 1  # 1728 mm3
     labels[20:32, 5:17, 5:17] = 2
     good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95)
-    assert (good["qc"], good["qc_reasons"], good["anterior_mm3"]) == ("pass", "", "1728.0")
+    assert (good.qc, good.qc_reasons, good.columns()["anterior_mm3"]) == ("pass", "", "1728.0")
     split = labels.copy()
     split[35:38, 35:38, 35:38] = 2  # a second piece of posterior
     row = check.row("split", write_mask(tmp_path / "split.nii.gz", split), confidence=0.95)
-    assert row["qc"] == "review" and row["qc_reasons"] == "posterior in 2 pieces"
+    assert row.qc == "review" and row.qc_reasons == "posterior in 2 pieces"
     no_posterior = np.where(labels == 2, 0, labels)
     row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), confidence=0.5)
-    assert row["qc_reasons"] == "anterior 13824 mm3 outside 1000-3000; posterior absent; confidence 0.500 < 0.9"
+    assert row.qc_reasons == "anterior 13824 mm3 outside 1000-3000; posterior absent; confidence 0.500 < 0.9"
     head = np.zeros((40, 40, 40), np.uint8)
     head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17] = 1, 2, 3
     row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6}, confidence=0.95)
-    assert row["kind"] == "head" and row["left_total_mm3"] == "3456.0" and row["right_anterior_mm3"] == "1728.0"
-    assert row["qc_reasons"] == "right posterior absent" and row["etiv_mm3"] == "1500000"
+    columns = row.columns()
+    assert row.kind == "head" and columns["left_total_mm3"] == "3456.0" and columns["right_anterior_mm3"] == "1728.0"
+    assert row.qc_reasons == "right posterior absent" and columns["etiv_mm3"] == "1500000"
+    assert CaseRow.from_columns(columns) == row  # a rerun reads the table back to the same row
 
 
 def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
     """A head's sides are flagged by their own confidence and test-time agreement, a very low agreement fails it,
     its qc_score is the lower agreement; in a run of 20 or more heads one far from the others is an outlier."""
-    from scripts.qc import QualityCheck, flag_cohort_outliers
+    from scripts.qc.check import CaseRow, QualityCheck, flag_cohort_outliers
 
     thresholds = {"min_confidence": 0.9, "min_agreement": 0.85, "fail_agreement": 0.6, "max_asymmetry": 0.3}
     check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, 0.95, 1.5e6, thresholds)
@@ -179,29 +181,29 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
         return check.row("head", mask, result, confidence=0.93)
 
     good = row({"left": 0.93, "right": 0.94}, {"left": 0.95, "right": 0.9})
-    assert (good["qc"], good["qc_reasons"], good["qc_score"]) == ("pass", "", "0.900")  # 0.93 < 0.95 is crops' only
-    assert (good["left_confidence"], good["right_agreement"]) == ("0.9300", "0.9000")
+    columns = good.columns()
+    assert (good.qc, good.qc_reasons, columns["qc_score"]) == ("pass", "", "0.900")  # 0.93 < 0.95 is crops' only
+    assert (columns["left_confidence"], columns["right_agreement"]) == ("0.9300", "0.9000")
     review = row({"left": 0.93, "right": 0.85}, {"left": 0.95, "right": 0.8})
-    assert review["qc"] == "review" and review["qc_reasons"] == (
+    assert review.qc == "review" and review.qc_reasons == (
         "right hippocampus: test-time augmentations agree at 0.80; right hippocampus: confidence 0.850")
     failed = row({"left": 0.93, "right": 0.94}, {"left": 0.55, "right": 0.9})
-    assert failed["qc"] == "fail" and failed["qc_score"] == "0.550"
-    assert failed["qc_reasons"] == "left hippocampus: test-time augmentations agree at 0.55"
+    assert failed.qc == "fail" and failed.columns()["qc_score"] == "0.550"
+    assert failed.qc_reasons == "left hippocampus: test-time augmentations agree at 0.55"
 
     rng = np.random.default_rng(0)
-    cohort = [{"case": f"{i}", "kind": "head", "etiv_mm3": "1500000", "qc": "pass", "qc_reasons": "",
-               "left_total_mm3": str(3500 + rng.normal(0, 100)), "right_total_mm3": str(3600 + rng.normal(0, 100))}
-              for i in range(20)]
-    cohort[7]["left_total_mm3"] = "2200"
+    cohort = [CaseRow(f"{i}", "head", {"left anterior": 3500 + rng.normal(0, 100), "right anterior": 3600 + rng.normal(0, 100)},
+                      etiv_mm3=1.5e6) for i in range(20)]
+    cohort[7].volumes["left anterior"] = 2200.0
     flag_cohort_outliers(cohort[:19])  # fewer than 20 heads: no cohort
-    assert all(r["qc"] == "pass" for r in cohort)
+    assert all(r.qc == "pass" for r in cohort)
     flag_cohort_outliers(cohort)
-    assert [r["case"] for r in cohort if r["qc"] == "review"] == ["7"]
-    assert "left hippocampus's volume over eTIV a cohort outlier" in cohort[7]["qc_reasons"]
+    assert [r.case for r in cohort if r.qc == "review"] == ["7"]
+    assert "left hippocampus's volume over eTIV a cohort outlier" in cohort[7].qc_reasons
 
 
 def test_case_stream_reads_cases_only_as_they_are_consumed():
-    from scripts.inference import CaseStream, SafeCases
+    from scripts.inference.cases import CaseStream, SafeCases
 
     read = []
 
@@ -220,7 +222,7 @@ def test_case_stream_reads_cases_only_as_they_are_consumed():
 
 
 def test_inputs_skip_an_output_folder_inside_the_input_folder(tmp_path):
-    from scripts.inputs import Inputs
+    from scripts.inference.inputs import Inputs
 
     scans = tmp_path / "scans"
     (scans / "sub-01").mkdir(parents=True)

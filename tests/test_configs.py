@@ -14,7 +14,7 @@ from monai.transforms import Resize
 
 from conftest import BUNDLE_DIR
 from scripts import find_bundle_error
-from scripts.data import load_training_list, split_dataset, write_split
+from scripts.data.msd import load_training_list, split_dataset, write_split
 
 RUN_IDS = {"initialize", "run", "training", "evaluating", "finalize"}
 
@@ -170,7 +170,7 @@ def test_the_data_path_follows_the_device(device_cache, synthetic_task, tmp_path
 def test_network_weights_follow_channels_last(channels_last, synthetic_task, tmp_path):
     """Training's and inference's networks hold their 3D convolution weights in the chosen memory layout, and the
     layout changes no output beyond rounding."""
-    from scripts.vnet import VNet
+    from scripts.networks.vnet import VNet
 
     layout = torch.channels_last_3d if channels_last == "true" else torch.contiguous_format
     training = parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), channels_last=channels_last)
@@ -186,3 +186,24 @@ def test_network_weights_follow_channels_last(channels_last, synthetic_task, tmp
         assert all(p.is_contiguous() for p in plain.parameters())
         with torch.no_grad():
             assert torch.allclose(network(image), plain(image), atol=1e-4)
+
+
+def test_configs_and_metadata_name_the_labels_of_scripts_labels():
+    """The labels are defined once (scripts/labels.py): train.yaml's class names, metadata.json's output channels and
+    its label descriptions, and the synthetic task's dataset.json say the same."""
+    import yaml
+
+    from scripts.data.synthetic import LABELS
+    from scripts.labels import CLASS_NAMES, structures
+
+    with open(os.path.join(BUNDLE_DIR, "configs", "train.yaml")) as f:
+        assert tuple(yaml.safe_load(f)["class_names"]) == CLASS_NAMES
+    with open(os.path.join(BUNDLE_DIR, "configs", "metadata.json")) as f:
+        metadata = json.load(f)
+    channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert [channels[str(i)] for i in range(len(channels))] == list(CLASS_NAMES)
+    crop = ", ".join(["0 background", *(f"{label} {part} hippocampus" for label, _, part in structures("crop"))])
+    head = ", ".join(["0 background", *(f"{label} {side} {part}" for label, side, part in structures("head"))])
+    assert metadata["label_classes"] == crop
+    assert metadata["pred_classes"] == f"crop inputs: {crop}; whole-head inputs: {head} hippocampus"
+    assert [name.lower() for _, name in sorted(LABELS.items())] == list(CLASS_NAMES)

@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from scripts import download as download_mod
-from scripts.synthetic import SHAPE_MAX, SHAPE_MIN, make_synthetic_dataset
+from scripts.data.synthetic import SHAPE_MAX, SHAPE_MIN, make_synthetic_dataset
 
 BUNDLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 NUM_CASES = 8
@@ -92,7 +92,7 @@ def test_deterministic(synth_dir, tmp_path):
 def test_cli(tmp_path):
     out = tmp_path / "cli"
     res = subprocess.run(
-        [sys.executable, "-m", "scripts.synthetic", "--output_dir", str(out), "--num_cases", "3", "--seed", "5"],
+        [sys.executable, "-m", "scripts.data.synthetic", "--output_dir", str(out), "--num_cases", "3", "--seed", "5"],
         cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=60,
     )
     assert res.returncode == 0, res.stderr

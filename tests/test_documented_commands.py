@@ -22,12 +22,12 @@ NOT_RUN = {
     "cd bundle": "every command runs in (a copy of) the bundle folder",
     "bash demo.sh": "the set-up-and-run command itself: it installs the environment these tests run in",
     ".venv/bin/python -m pytest tests": "the test command itself",
-    "python -m scripts.download": "needs the internet (MSD download)",
+    "python -m scripts.data.download": "needs the internet (MSD download)",
     "docker": "no docker here",
     "--source github": "needs the internet (GitHub release)",
     "--nnodes=2": "needs two machines",
-    "scripts.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
-    "scripts.failure_set": "a measurement on the real dev heads (150 heads, about 15 minutes); tests/test_failure_set.py "
+    "tools.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
+    "tools.failure_set": "a measurement on the real dev heads (150 heads, about 15 minutes); tests/test_failure_set.py "
                            "checks its copies",
     "tests/clients/setup_monailabel.sh": "builds MONAI Label's own environment (8.2 GB, minutes)",
     "tests/clients/monailabel_infer.py": "runs in MONAI Label's environment: tests/test_clients.py runs it where that exists",
@@ -35,12 +35,12 @@ NOT_RUN = {
 # shortened through the command line: flag -> value (replaced where the command sets it, else appended)
 SHORTER = {
     "monai.bundle run training": {"--epochs": "1"},
-    "scripts.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
+    "scripts.engine.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
     "scripts.qc robustness": {"--cases": "2", "--degradations": "clean,2mm,5mm_slices_z"},
-    "scripts.report time": {"--cases": "3"},
+    "tools.report_timing": {"--cases": "3"},
 }
 # shortened through the environment
-SHORTER_ENV = {"scripts/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "0", "BATCH": "2", "WORKERS": "0",
+SHORTER_ENV = {"scripts/engine/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "0", "BATCH": "2", "WORKERS": "0",
                                             "RECIPES": "native"}}
 
 
@@ -103,7 +103,7 @@ def test_the_docs_hold_the_commands_users_need():
     text = "\n".join(command for _, command in COMMANDS)
     for needed in ("run training", "--resume true", "run evaluating", "multi_gpu_train.yaml", "multi_gpu_evaluate.yaml",
                    "multi_gpu_inference.yaml", "inference_tf.yaml", "inference_ts.yaml", "ckpt_export", "onnx_export",
-                   "verify_net_in_out", "verify_metadata", "scripts.package", "monai.bundle download --name"):
+                   "verify_net_in_out", "verify_metadata", "tools.package", "monai.bundle download --name"):
         assert needed in text, needed
 
 
@@ -190,27 +190,27 @@ def test_documented_command_runs(where, command, workspace):
         assert os.path.isfile(os.path.join(out, "report.html")) or "--report false" in command
     if "run training" in command:
         assert re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log), log[-2000:]
-    if "scripts.check_dataset" in command:
+    if "scripts.data.check_dataset" in command:
         assert re.search(r"all \d+ cases OK", result.stdout), log[-2000:]
     if "run evaluating" in command:
         assert "Evaluation of" in log, log[-2000:]
-    if "scripts.benchmark" in command or "gpu_benchmark.sh" in command:
+    if "scripts.engine.benchmark" in command or "gpu_benchmark.sh" in command:
         check_benchmark_results(command, words, workspace, log, before)
     if "scripts.qc robustness" in command:
         with open(os.path.join(out, "robustness.csv"), newline="") as f:
             table = list(csv.DictReader(f))
         assert [row["degradation"] for row in table] == SHORTER["scripts.qc robustness"]["--degradations"].split(",")
         assert all(0 <= float(row["dice_posterior"]) <= 1 for row in table) and "5mm_slices_z" in result.stdout
-    if "scripts.report time" in command:
+    if "tools.report_timing" in command:
         assert os.path.getsize(os.path.join(out, "report.html")) > 0 and "pictures_s" in result.stdout
-    if "scripts.package" in command:
+    if "tools.package" in command:
         workspace["zip"] = result.stdout.strip().splitlines()[-1]
 
 
 def check_benchmark_results(command, words, ws, log, before):
     """The benchmark's JSON records (no speed asserted), and nothing written into the bundle."""
     if "gpu_benchmark.sh" in command:
-        out = words[words.index("scripts/gpu_benchmark.sh") + 1]
+        out = words[words.index("scripts/engine/gpu_benchmark.sh") + 1]
         results = {mode: json.load(open(os.path.join(out, f"native_{mode}_workers0.json"))) for mode in ("train", "predict")}
         assert "| native | train | 0 |" in log, log[-2000:]  # its full training: the training commands above
     else:

@@ -15,8 +15,8 @@ import torch
 from monai.data import MetaTensor
 
 from conftest import BUNDLE_DIR
-from scripts.handlers import CaseMetricsReport
-from scripts.qc import dice
+from scripts.engine.handlers import CaseMetricsReport
+from scripts.qc.calibration import dice
 from scripts.recipe import load
 
 EXPORT_ARGS = ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",

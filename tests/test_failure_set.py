@@ -1,11 +1,11 @@
-"""The failure set's copies (scripts/failure_set.py) do what their names say, on a small synthetic head."""
+"""The failure set's copies (tools/failure_set.py) do what their names say, on a small synthetic head."""
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.failure_set import VARIANTS, ShiftedRegistration, damaged, is_bad
-from scripts.localisation import Registration
+from tools.failure_set import VARIANTS, ShiftedRegistration, damaged, is_bad
+from scripts.head.localisation import Registration
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_a_failed_case_or_a_side_under_0_8_is_bad():
 
 def test_thresholds_and_the_signal_table_come_from_the_scored_cases(capsys):
     """Each head threshold flags at most 2.5% of the harmless copies; a failed case is caught by its failure alone."""
-    from scripts.failure_set import _print_scores, thresholds
+    from tools.failure_set import _print_scores, thresholds
 
     def scored(case, group, dice, confidence, agreement, asymmetry=0.05, reasons=""):
         return {"case": case, "head": "h", "variant": case, "group": group, "failed": "", "dice_left": dice,

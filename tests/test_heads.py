@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dicom_series import write_dicom_series
-from scripts.head_check import TEMPLATE, dice, in_template_grid, make_harder_heads, make_heads
+from tools.head_check import TEMPLATE, dice, in_template_grid, make_harder_heads, make_heads
 from test_inference import run_inference
 
 MIN_DICE = {"template": 0.99, "moved0": 0.99, "moved1": 0.99, "lps": 0.99, "aniso": 0.9, "2mm": 0.8, "dicom": 0.8,
@@ -136,7 +136,7 @@ def test_rerun_skips_finished_heads_and_keeps_their_volumes(head_run, tmp_path):
 
 
 def test_input_kind_from_field_of_view(head_run, synthetic_task):
-    from scripts.inference import split_by_kind
+    from scripts.inference.cases import split_by_kind
 
     inputs, _, _, _, _ = head_run
     cases = [{"image": str(inputs / name)} for name in ("template.nii.gz", "2mm.nii.gz", "dicom", "crop.nii.gz")]
@@ -151,7 +151,7 @@ def test_input_kind_from_field_of_view(head_run, synthetic_task):
 def test_configured_box_centres_are_where_the_model_finds_the_template_hippocampi():
     import yaml
 
-    from scripts.atlas import centres
+    from tools.atlas import centres
 
     cwd = os.getcwd()
     os.chdir(os.path.dirname(os.path.dirname(TEMPLATE)))
@@ -199,7 +199,7 @@ def test_compare_scores_masks_against_other_tools_references(head_run, tmp_path,
         save(np.select([left, right], [48, 47], 0), "template_dlmuse.nii.gz")
         options = ["--reference_suffix", "_dlmuse.nii.gz", "--left_labels", "48", "--right_labels", "47"]
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.head_check", "compare", "--masks", str(output), "--reference", str(folder),
+        [sys.executable, "-m", "tools.head_check", "compare", "--masks", str(output), "--reference", str(folder),
          *options], cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| template | 1.000 / 1.000 |" in result.stdout
@@ -213,7 +213,7 @@ def test_border_scores_find_a_mask_moved_into_the_amygdala():
     """A hippocampus 30 voxels long (2 mm voxels, along y) with the amygdala in front of it; a mask 3 voxels (6 mm)
     anterior: all its false positives in the amygdala, its anterior end 6 mm past and posterior end 6 mm short of
     the reference's, and the missed tail the 3 of the tail fifth's 6 slices it no longer covers."""
-    from scripts.head_check import border_scores
+    from tools.head_check import border_scores
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     reference, amygdala = np.zeros((20, 50, 20), bool), np.zeros((20, 50, 20), bool)
@@ -247,7 +247,7 @@ def test_head_volume_ranges_scale_with_etiv(head_run):
     """The template's hippocampi are as large as its head: flagged for their size only if the head were small."""
     import yaml
 
-    from scripts.qc import QualityCheck
+    from scripts.qc.check import QualityCheck
 
     _, output, _, _, _ = head_run
     with open(os.path.join(os.path.dirname(os.path.dirname(TEMPLATE)), "configs", "inference.yaml")) as f:
@@ -255,12 +255,12 @@ def test_head_volume_ranges_scale_with_etiv(head_run):
     quality = QualityCheck(qc["volume_range"], qc["min_confidence"], qc["reference_etiv_mm3"])
     mask = str(output / "template_seg.nii.gz")
     etiv = float(read_volumes(output)["template.nii.gz"]["etiv_mm3"])
-    assert "outside" not in quality.row("template", mask, {"etiv_mm3": etiv}, 1.0)["qc_reasons"]
-    assert "outside" in quality.row("template", mask, {"etiv_mm3": etiv / 2}, 1.0)["qc_reasons"]
+    assert "outside" not in quality.row("template", mask, {"etiv_mm3": etiv}, 1.0).qc_reasons
+    assert "outside" in quality.row("template", mask, {"etiv_mm3": etiv / 2}, 1.0).qc_reasons
 
 
 def test_registration_checks_reject_implausible_maps():
-    from scripts.localisation import HeadError, Registration, TemplateRegistration
+    from scripts.head.localisation import HeadError, Registration, TemplateRegistration
 
     registration = TemplateRegistration(TEMPLATE, BRAIN_MASK)
     registration.check(Registration(np.eye(3), np.zeros(3), 0.5, 0.6, 1.5e6))

@@ -163,7 +163,7 @@ def test_flip_averaging_inferer_averages_mirrored_logits():
     import torch
     from monai.inferers import SimpleInferer
 
-    from scripts.inferers import FlipAveragingInferer
+    from scripts.engine.inferers import FlipAveragingInferer
 
     weight = torch.linspace(0, 1, 8).view(1, 1, 8, 1, 1)  # a network that is not mirror symmetric
     network = lambda x: x * weight  # noqa: E731

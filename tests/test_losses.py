@@ -3,7 +3,7 @@
 import torch
 from monai.losses import DiceCELoss
 
-from scripts.losses import StackedDeepSupervisionLoss
+from scripts.networks.losses import StackedDeepSupervisionLoss
 
 
 def test_stacked_levels_are_weighted_one_half_quarter():

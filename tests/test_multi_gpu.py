@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from scripts.synthetic import make_synthetic_dataset
+from scripts.data.synthetic import make_synthetic_dataset
 from test_training import copy_bundle, run_bundle
 
 MULTI_TRAIN = "['configs/train.yaml','configs/multi_gpu_train.yaml','configs/test_rank_weights.yaml']"
 # test-only override: each rank saves its own final weights, to compare them
 RANK_WEIGHTS = """finalize:
 - "$torch.save(@network.module.state_dict(), @output_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')"
-- $scripts.distributed.finalize()
+- $scripts.engine.distributed.finalize()
 """
 
 

@@ -1,4 +1,4 @@
-"""The release zip (scripts/package.py): model-zoo layout, no junk, and usable through `monai.bundle download`."""
+"""The release zip (tools/package.py): model-zoo layout, no junk, and usable through `monai.bundle download`."""
 
 import glob
 import json
@@ -52,7 +52,7 @@ def release(tmp_path_factory):
     for rel in JUNK:
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         (copy / rel).write_bytes(b"junk")
-    result = subprocess.run([sys.executable, "-m", "scripts.package", "--output_dir", str(root / "dist")],
+    result = subprocess.run([sys.executable, "-m", "tools.package", "--output_dir", str(root / "dist")],
                             cwd=copy, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(copy / "configs" / "metadata.json") as f:
@@ -81,7 +81,7 @@ def test_zip_layout_and_no_junk(release):
     rel = {n[len(NAME) + 1:] for n in names if not n.endswith("/")}
 
     required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
-                "models/model.pt", "models/model_tf.pt", "large_files.yml", "scripts/vnet.py", "scripts/__init__.py",
+                "models/model.pt", "models/model_tf.pt", "large_files.yml", "scripts/networks/vnet.py", "scripts/__init__.py",
                 "LICENSE", "atlas/NOTICE.txt",
                 "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_brain_mask_2mm.nii.gz"}
     if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):
@@ -175,7 +175,7 @@ def test_large_files_lists_each_weight_file_with_its_sha256(tmp_path):
     """The committed large_files.yml matches the committed weights, and MONAI's own check agrees."""
     import yaml
 
-    from scripts.package import MODEL_FILES, sha256
+    from tools.package import MODEL_FILES, sha256
 
     with open(os.path.join(BUNDLE_DIR, "large_files.yml")) as f:
         listed = {entry["path"]: entry for entry in yaml.safe_load(f)["large_files"]}

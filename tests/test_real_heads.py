@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_DIR, REPO_DIR
-from scripts.qc import dice
+from scripts.qc.calibration import dice
 from test_inference import run_inference
 
 REAL_HEADS = os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "real_heads")
@@ -31,7 +31,7 @@ def test_every_real_head_is_segmented_and_agrees_with_hippodeep(tmp_path):
     assert result.returncode == 0, log[-3000:]
     assert f"{len(heads) + 1} written, 0 failed" in log
     compared = subprocess.run(
-        [sys.executable, "-m", "scripts.head_check", "compare", "--masks", str(output), "--reference",
+        [sys.executable, "-m", "tools.head_check", "compare", "--masks", str(output), "--reference",
          os.path.join(REAL_HEADS, "hippodeep"), "--left_suffix", "_mask_L.nii.gz", "--right_suffix", "_mask_R.nii.gz",
          "--threshold", "127"], cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300)
     assert compared.returncode == 0, compared.stderr[-3000:]

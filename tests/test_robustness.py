@@ -71,7 +71,7 @@ def test_resume_keeps_the_best_metric(synthetic_task, tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path, synthetic_task):
-    from scripts.vnet import VNet
+    from scripts.networks.vnet import VNet
 
     wrong = tmp_path / "wrong.pt"
     torch.save(VNet(out_channels=2, full_res_skip=True).state_dict(), wrong)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE_DIR
-from scripts.vnet import VNet
+from scripts.networks.vnet import VNet
 
 LOSS_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.]+)")
 
@@ -62,7 +62,7 @@ def test_training_logs_validation_and_loss_falls(trained_bundle):
 
 def test_training_curve_plot_from_the_run_logs(trained_bundle, tmp_path):
     pytest.importorskip("matplotlib")
-    from scripts.plots import curve
+    from tools.plots import curve
 
     png = curve(os.path.join(trained_bundle[0], "output"), str(tmp_path / "curve.png"))
     with open(png, "rb") as f:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE_DIR
-from scripts.vnet import VNet
+from scripts.networks.vnet import VNet
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,255 @@
+"""Where the hippocampi of a real head lie: MONAI has neither brain extraction nor atlas registration, so deepbet
+(a brain-extraction network that ships its weights) finds the brain and SimpleITK registers it to the MNI152 brain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from scripts.imaging import RAS_TO_LPS, nonzero_box, resample
+
+
+class HeadError(ValueError):
+    """A head that cannot be segmented reliably: the message is the reason reported for the case."""
+
+
+class BrainExtraction:
+    """deepbet 1.0.2 (Fisch et al. 2024, MIT; its TorchScript weights come inside its wheel) on a head resampled to
+    1 mm in RAS voxel order, as it was trained, so thick slices and 0.5 mm scans look alike to it.
+
+    Args:
+        device: where deepbet's networks run.
+        amp: mixed precision: fp16 on CUDA, bf16 on CPU (give it only where the CPU has native bf16).
+        threshold: deepbet's probability threshold for the brain.
+        grid_size: the side (voxels) of the cube the brain's box is resampled to for deepbet's large network
+            (deepbet's own: 256).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", amp: bool = False, threshold: float = 0.5,
+                 grid_size: int = 256) -> None:
+        self.device = torch.device(device)
+        self.amp = bool(amp)
+        self.threshold = threshold
+        self.grid_size = grid_size
+        self._networks = None
+
+    def _load(self):
+        """deepbet's networks, loaded on first use so that runs without heads never read them."""
+        if self._networks is None:
+            from deepbet.bet import BrainExtraction as DeepBet
+
+            self._networks = DeepBet(no_gpu=self.device.type != "cuda")
+            for network in (self._networks.model, self._networks.bbox_model):
+                network.to(self.device)
+        return self._networks
+
+    def __call__(self, head: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+        """The head at 1 mm with its voxel axes along S, A, R and its brain mask (uint8) on the same grid."""
+        # SimpleITK's arrays list axes last to first: this one's are along R, A, S, as deepbet was trained
+        canonical = sitk.DICOMOrient(resample(head, 1.0), "SAR")
+        array = sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False)
+        try:
+            mask = self._brain(torch.from_numpy(array))
+        except (AssertionError, ValueError):  # deepbet asserts (or fails in argmax) when it finds no brain at all
+            raise HeadError("brain extraction found no brain (is this a T1-weighted head?)") from None
+        result = sitk.GetImageFromArray(mask.astype(np.uint8))
+        result.CopyInformation(canonical)
+        return canonical, result
+
+    @torch.no_grad()
+    def _brain(self, image: torch.Tensor) -> np.ndarray:
+        """deepbet's `run_model` and `postprocess` (a box from its small network at 128^3, the brain from its large
+        one at `grid_size`^3 in the box), with the intensity percentiles from `kthvalue`: `torch.quantile` took 0.5 s."""
+        from deepbet.utils import keep_largest_connected_component, normalize
+
+        networks = self._load()
+        image = torch.nan_to_num(image).to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16,
+                                  enabled=self.amp)
+        small = F.interpolate(image[None, None], (128,) * 3, mode="nearest-exact")[0, 0]
+        values = small.flatten()
+        low, high = (values.kthvalue(int(round(q * (values.numel() - 1))) + 1).values for q in (0.005, 0.995))
+        with autocast:
+            box_probability = networks.bbox_model(normalize(small, low, high)[None, None])[0, 1].float()
+        box_mask = keep_largest_connected_component((box_probability > 0.5).float().cpu().numpy())
+        # deepbet's postprocess reads the box from its `bbox`
+        networks.bbox = box = networks.get_bbox_with_margin(torch.from_numpy(box_mask), image.shape, 0.1)
+        inside = F.interpolate(image[box][None, None], (self.grid_size,) * 3, mode="nearest-exact")[0, 0]
+        with autocast:
+            probability = networks.model(normalize(inside, low, high)[None, None])[0, 1].float()
+        brain = torch.zeros_like(image)
+        brain[box] = F.interpolate(probability[None, None], brain[box].shape, mode="nearest-exact")[0, 0]
+        return networks.postprocess((brain > self.threshold).cpu().numpy())
+
+
+@dataclass
+class Registration:
+    """An affine map from template (MNI, RAS mm) to scan (RAS mm) points, how well the brains matched, and the
+    intracranial volume measured on the scan."""
+
+    matrix: np.ndarray  # 3x3 linear part
+    offset: np.ndarray  # translation
+    mutual_information: float
+    correlation: float  # of the registered brain with the template's: negative for a T2's contrast
+    etiv_mm3: float  # the brain mask's volume (deepbet's mask holds the brain and its CSF)
+
+    def __call__(self, points_mni: np.ndarray) -> np.ndarray:
+        return points_mni @ self.matrix.T + self.offset
+
+    @property
+    def scales(self) -> np.ndarray:
+        return np.linalg.svd(self.matrix, compute_uv=False)
+
+    @property
+    def rotation(self) -> np.ndarray:
+        """The rotation closest to the linear part (polar decomposition)."""
+        u, _, vt = np.linalg.svd(self.matrix)
+        return u @ vt
+
+
+def _normalised_brain(image: sitk.Image, mask: sitk.Image, spacing: float) -> tuple[sitk.Image, sitk.Image]:
+    """The brain's intensities scaled to its 99th percentile (0 outside the mask), and the mask, at `spacing` mm,
+    in the mask's bounding box with a margin of `spacing`."""
+    inside = sitk.GetArrayViewFromImage(mask) > 0  # not empty: the eTIV range check comes first
+    box = nonzero_box(inside)
+    start = np.maximum([s.start - 2 for s in box], 0)[::-1]  # numpy z, y, x -> SimpleITK x, y, z
+    size = np.minimum([s.stop + 2 for s in box], inside.shape)[::-1] - start
+    image, mask = (sitk.RegionOfInterest(i, size.tolist(), start.tolist()) for i in (image, mask))
+    values = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(mask) > 0]
+    high = float(np.percentile(values[:: max(1, values.size // 200_000)], 99)) or 1.0
+    brain = sitk.Cast(sitk.Mask(image, sitk.Cast(mask, sitk.sitkUInt8)), sitk.sitkFloat32) / high
+    return resample(brain, spacing), resample(sitk.Cast(mask, sitk.sitkFloat32), spacing) > 0.5
+
+
+class TemplateRegistration:
+    """An affine registration of a scan's extracted brain to the MNI152 2009a template's brain (the same network's
+    mask of the template): centres of mass of the two masks; the best of 27 coarse rotations (0 and
+    +-30 degrees about each axis, for tilted heads); a similarity, then an affine stage. Mattes mutual information
+    near the template's brain, coarse to fine, fixed random sampling (deterministic). Neck, shoulders, fat, a cut
+    field of view or a missing skull do not reach the metric.
+
+    Args:
+        template_file: the template T1 (any resolution; registration runs at `spacing`).
+        brain_mask_file: the template's brain mask (`python -m tools.atlas build`).
+        spacing: the finest registration grid, mm.
+        min_mutual_information: below it the brain does not match the template's.
+        min_correlation: below it the registered brain's intensities do not follow a T1's (e.g. a T2 or FLAIR).
+        scale_range: allowed scaling of each axis, template to scan; a human brain lies well inside it.
+        etiv_range_mm3: a brain mask outside it is no head's intracranial volume (a failed extraction).
+    """
+
+    def __init__(self, template_file: str, brain_mask_file: str, spacing: float = 2.0,
+                 min_mutual_information: float = 0.25, min_correlation: float = 0.2,
+                 scale_range: Sequence[float] = (0.7, 1.4), etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0)) -> None:
+        self.template_file = template_file
+        self.brain_mask_file = brain_mask_file
+        self.spacing = spacing
+        self.min_mutual_information = min_mutual_information
+        self.min_correlation = min_correlation
+        self.scale_range = tuple(scale_range)
+        self.etiv_range_mm3 = tuple(etiv_range_mm3)
+        self.template: sitk.Image | None = None
+
+    def _load_template(self) -> None:
+        """Reads the template on first use, so that runs without heads never touch it."""
+        template = sitk.ReadImage(self.template_file, sitk.sitkFloat32)
+        mask = sitk.Resample(sitk.ReadImage(self.brain_mask_file, sitk.sitkUInt8), template, sitk.Transform(),
+                             sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        self.template, self.template_mask = _normalised_brain(template, mask, self.spacing)
+        self.metric_mask = sitk.BinaryDilate(self.template_mask, [2] * 3)  # the brain's edge counts too
+        self.brain = sitk.GetArrayFromImage(self.template_mask) > 0
+
+    def _method(self) -> sitk.ImageRegistrationMethod:
+        method = sitk.ImageRegistrationMethod()
+        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentage(0.1, 1)
+        method.SetMetricFixedMask(self.metric_mask)
+        method.SetInterpolator(sitk.sitkLinear)
+        return method
+
+    def _initial_rotation(self, rigid: sitk.Euler3DTransform, moving: sitk.Image) -> None:
+        """Sets `rigid` to the best of 27 rotations (0 and +-30 degrees about each axis) at 8 mm: gradient descent
+        alone misses heads tilted by more than about 30 degrees."""
+        method = self._method()
+        method.SetOptimizerAsExhaustive(numberOfSteps=[1, 1, 1, 0, 0, 0], stepLength=np.pi / 6)
+        method.SetOptimizerScales([1.0] * 6)
+        method.SetShrinkFactorsPerLevel([4])
+        method.SetSmoothingSigmasPerLevel([4.0])
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        method.SetInitialTransform(rigid, inPlace=True)
+        method.Execute(self.template, moving)
+
+    def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
+        method = self._method()
+        method.SetMetricSamplingPercentagePerLevel([0.2 if level > 1 else 0.1 for level in shrink], 1)
+        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=50,
+                                                        relaxationFactor=0.5)
+        method.SetOptimizerScalesFromPhysicalShift()
+        method.SetShrinkFactorsPerLevel(shrink)
+        method.SetSmoothingSigmasPerLevel(sigmas)
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        method.SetInitialTransform(transform, inPlace=True)
+        method.Execute(self.template, moving)
+        return method
+
+    def __call__(self, head: sitk.Image, mask: sitk.Image) -> Registration:
+        """Registers `head`'s brain, where `mask` (on the same grid, from `BrainExtraction`) is non-zero."""
+        if self.template is None:
+            self._load_template()
+        etiv_mm3 = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
+        low, high = self.etiv_range_mm3
+        if not low <= etiv_mm3 <= high:
+            raise HeadError(f"brain extraction found {etiv_mm3 / 1000:.0f} cm3 of brain, outside "
+                            f"{low / 1000:.0f}-{high / 1000:.0f} cm3 of a human head (is this a T1-weighted head?)")
+        moving, moving_mask = _normalised_brain(head, mask, self.spacing)
+        rigid = sitk.CenteredTransformInitializer(sitk.Cast(self.template_mask, sitk.sitkFloat32),
+                                                  sitk.Cast(moving_mask, sitk.sitkFloat32), sitk.Euler3DTransform(),
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+        self._initial_rotation(rigid, moving)
+        similarity = sitk.Similarity3DTransform()
+        similarity.SetCenter(rigid.GetCenter())
+        similarity.SetMatrix(rigid.GetMatrix())
+        similarity.SetTranslation(rigid.GetTranslation())
+        self._stage(similarity, moving, [4], [4.0])
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(similarity.GetCenter())
+        affine.SetMatrix(similarity.GetMatrix())
+        affine.SetTranslation(similarity.GetTranslation())
+        method = self._stage(affine, moving, [2, 1], [2.0, 0.0])
+        # the transform maps template (fixed) LPS points to scan (moving) LPS points; express it in RAS
+        matrix_lps = np.array(affine.GetMatrix()).reshape(3, 3)
+        offset_lps = np.array(affine.TransformPoint((0.0, 0.0, 0.0)))
+        registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, self.template, affine, sitk.sitkLinear, 0.0))
+        template = sitk.GetArrayViewFromImage(self.template)
+        correlation = float(np.corrcoef(registered[self.brain], template[self.brain])[0, 1])
+        registration = Registration(RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS, RAS_TO_LPS @ offset_lps,
+                                    -float(method.GetMetricValue()), correlation, etiv_mm3)
+        self.check(registration)
+        return registration
+
+    def check(self, registration: Registration) -> None:
+        if registration.mutual_information < self.min_mutual_information:
+            raise HeadError(
+                f"registration to the MNI152 brain failed: mutual information {registration.mutual_information:.3f} "
+                f"< {self.min_mutual_information} (is this a T1-weighted head?)"
+            )
+        if not registration.correlation >= self.min_correlation:
+            raise HeadError(
+                f"the brain does not look like a T1 after registration: correlation with the T1 template "
+                f"{registration.correlation:.2f} < {self.min_correlation}"
+            )
+        if np.linalg.det(registration.matrix) <= 0:
+            raise HeadError("registration to the MNI152 template mirrors the head (is its header's left-right wrong?)")
+        low, high = self.scale_range
+        scales = registration.scales
+        if scales.min() < low or scales.max() > high:
+            raise HeadError(
+                f"registration to the MNI152 template is implausible: scaling {np.round(scales, 2).tolist()} "
+                f"outside [{low}, {high}] of a human head"
+            )
