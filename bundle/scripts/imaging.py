@@ -69,3 +69,12 @@ def to_sitk(image) -> sitk.Image:
     result.SetDirection((matrix / spacing).flatten().tolist())
     result.SetOrigin(affine[:, 3].tolist())
     return result
+
+
+def from_sitk(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """`to_sitk`'s inverse: the voxels (SimpleITK's axes last to first) and their voxel-to-world affine (RAS)."""
+    affine = np.eye(4)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    affine[:3, :3] = RAS_TO_LPS @ direction[:, ::-1]
+    affine[:3, 3] = RAS_TO_LPS @ np.asarray(image.GetOrigin())
+    return sitk.GetArrayFromImage(image), affine

@@ -18,9 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from scripts.head.localisation import BrainExtraction
-from scripts.head.segmenter import configured_segmenter
 from scripts.imaging import resample
 from scripts.labels import HEAD_LABELS, mask_name
+from tools.head_check import configured_segmenter
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 BRAIN_MASK = "mni_icbm152_brain_mask_2mm.nii.gz"

@@ -18,10 +18,10 @@ import numpy as np
 from scipy import ndimage
 
 from scripts import BUNDLE_DIR
-from scripts.head.segmenter import configured_segmenter
 from scripts.labels import HEAD_LABELS, SIDES, mask_name
-from tools.head_check import TEMPLATE, label_sides, resampled, rigid, segment_timed, side_dice
 from scripts.qc.check import asymmetry
+from tools.head_check import (TEMPLATE, configured_segmenter, label_sides, resampled, rigid, segment_timed,
+                              side_dice)
 
 BAD_DICE = 0.8  # a side below it against the clean head's mask is a failure QC should catch
 CASE_COLUMNS = ("case", "head", "variant", "group", "description")

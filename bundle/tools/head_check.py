@@ -21,15 +21,41 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data import FolderLayoutBase, MetaTensor
 from scipy import ndimage
 
 from scripts import BUNDLE_DIR
-from scripts.head.segmenter import configured_segmenter
+from scripts.head.segmenter import HeadSegmenter
+from scripts.imaging import from_sitk, nonzero_box, resample, sample_on_grid, to_sitk
 from scripts.labels import HEAD_LABELS, MASK_SUFFIX, mask_name
 from scripts.qc.calibration import dice
+from scripts.recipe import load
 
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 TIME_STEPS = ("read_s", "extraction_s", "registration_s", "segmentation_s", "writing_s")
+
+
+class FlatFolder(FolderLayoutBase):
+    """`output_dir/<case>_seg.nii.gz`, whichever folder the head comes from."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+
+    def filename(self, subject: str, idx=None, **kwargs) -> str:
+        os.makedirs(self.output_dir, exist_ok=True)
+        return os.path.join(self.output_dir, mask_name(subject))
+
+
+def configured_segmenter(config_file: str, output_dir: str, overrides: dict | None = None) -> HeadSegmenter:
+    """The head segmenter of an inference config with `overrides` (config ids), its weights loaded, writing to
+    `output_dir` (no input folder to mirror): for the commands that segment heads outside a bundle run
+    (`tools.atlas`, `tools.head_check`)."""
+    from scripts.recipe import load
+
+    parser = load(BUNDLE_DIR, [config_file], {**(overrides or {}), "head#segmenter#folder_layout": FlatFolder(output_dir)})
+    parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
+    return parser.get_parsed_content("head#segmenter")
 
 
 def rigid(angles_deg, translation) -> np.ndarray:
@@ -49,14 +75,13 @@ def rigid(angles_deg, translation) -> np.ndarray:
 
 
 def resampled(image: nib.Nifti1Image, spacing) -> nib.Nifti1Image:
-    """`image` on a grid of `spacing` mm over the same field of view (trilinear, anti-aliased)."""
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    zoom = np.asarray(image.header.get_zooms()[:3]) / np.asarray(spacing, dtype=float)
-    smoothed = ndimage.gaussian_filter(data, sigma=np.maximum(1 / zoom - 1, 0) / 2)
-    affine = image.affine.copy()
-    affine[:3, :3] = image.affine[:3, :3] @ np.diag(1 / zoom)
-    affine[:3, 3] = nib.affines.apply_affine(image.affine, (1 / zoom - 1) / 2)  # keep the field of view centred
-    return nib.Nifti1Image(ndimage.zoom(smoothed, zoom, order=1).astype(np.float32), affine)
+    """`image` on a grid of `spacing` mm (one per voxel axis) over the same field of view, anti-aliased
+    (`scripts.imaging.resample`)."""
+    volume = MetaTensor(torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32))[None],
+                        affine=torch.as_tensor(image.affine))
+    # SimpleITK lists the voxel axes last to first
+    data, affine = from_sitk(resample(to_sitk(volume), np.broadcast_to(spacing, (3,))[::-1].tolist()))
+    return nib.Nifti1Image(data, affine)
 
 
 def make_heads(folder: str, seed: int = 0) -> dict[str, str]:
@@ -98,10 +123,8 @@ def make_harder_heads(folder: str, seed: int = 0, names: Sequence[str] | None = 
     bias = np.exp(0.35 * (0.8 * grids[0] + 0.5 * grids[1] - 0.7 * grids[2] + 0.4 * grids[0] * grids[2]))
     below = data[:, :, NECK_MM // 2:0:-1]
     mask = nib.load(os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_brain_mask_2mm.nii.gz"))
-    to_mask = np.linalg.inv(mask.affine) @ template.affine
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), 0).reshape(3, -1)
-    brain = ndimage.map_coordinates((np.asarray(mask.dataobj) > 0).astype(np.float32),
-                                    to_mask[:3, :3] @ grid + to_mask[:3, 3:], order=1).reshape(data.shape) > 0.5
+    brain = sample_on_grid((np.asarray(mask.dataobj) > 0).astype(np.float32), mask.affine, template.affine,
+                           data.shape) > 0.5
     brain = ndimage.binary_fill_holes(ndimage.binary_dilation(brain, iterations=2))
     neck_affine = template.affine.copy()
     neck_affine[2, 3] -= NECK_MM
@@ -166,10 +189,7 @@ def in_template_grid(mask_file: str, name: str) -> np.ndarray:
         shape = nib.load(TEMPLATE).shape
         return np.pad(labels, [(0, 0), (0, shape[1] - labels.shape[1]), (0, shape[2] - labels.shape[2])])
     template = nib.load(TEMPLATE)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in template.shape], indexing="ij"), 0).reshape(3, -1)
-    to_mask = np.linalg.inv(mask.affine) @ template.affine
-    points = to_mask[:3, :3] @ grid + to_mask[:3, 3:]
-    return ndimage.map_coordinates(labels, points, order=0, mode="constant").reshape(template.shape)
+    return sample_on_grid(labels, mask.affine, template.affine, template.shape, order=0)
 
 
 def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: int = 0) -> list[dict]:
@@ -329,19 +349,18 @@ def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.n
     """`inside` (a boolean image with `affine`) on the grid of `target_affine` and `shape`, nearest neighbour, computed
     only in the target box that holds it."""
     result = np.zeros(shape, dtype=bool)
-    points = np.argwhere(inside)
-    if not len(points):
+    if not inside.any():
         return result
-    to_target = np.linalg.inv(target_affine) @ affine
-    corners = nib.affines.apply_affine(to_target, np.array([points.min(0), points.max(0)]))
+    box = nonzero_box(inside)
+    corners = np.array([[s.start if low else s.stop - 1 for s, low in zip(box, choice)]
+                        for choice in np.ndindex(2, 2, 2)])
+    corners = nib.affines.apply_affine(np.linalg.inv(target_affine) @ affine, corners)
     start = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, shape)
     stop = np.clip(np.ceil(corners.max(0)).astype(int) + 2, 0, shape)
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(start, stop)], indexing="ij"), -1).reshape(-1, 3)
-    source = np.rint(nib.affines.apply_affine(np.linalg.inv(to_target), grid)).astype(int)
-    valid = np.all((source >= 0) & (source < inside.shape), axis=1)
-    values = np.zeros(len(grid), dtype=bool)
-    values[valid] = inside[tuple(source[valid].T)]
-    result[tuple(slice(a, b) for a, b in zip(start, stop))] = values.reshape(*(stop - start))
+    region_affine = target_affine.copy()
+    region_affine[:3, 3] = target_affine[:3, :3] @ start + target_affine[:3, 3]
+    region = tuple(slice(a, b) for a, b in zip(start, stop))
+    result[region] = sample_on_grid(inside.astype(np.uint8), affine, region_affine, stop - start, order=0) > 0
     return result
 
 

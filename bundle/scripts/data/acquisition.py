@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth, MapTransform, RandomizableTransform
 
+from scripts.imaging import antialiasing_sigmas
+
 
 def simulate_voxel_size(image: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
     """`image` (channel first, 3D) as if acquired with voxels `factors` times larger along each axis, on its own grid:
-    anti-aliased (a Gaussian of sigma (factor - 1) / 2 voxels, scikit-image's rule), sampled down, then trilinearly back up."""
+    anti-aliased (`scripts.imaging.antialiasing_sigmas`), sampled down, then trilinearly back up."""
     if all(f <= 1.0 for f in factors):
         return image
-    sigma = [max(float(f) - 1.0, 0.0) / 2.0 for f in factors]
+    sigma = antialiasing_sigmas([1.0] * len(factors), factors)  # in voxels
     blurred = torch.as_tensor(GaussianSmooth(sigma=sigma)(image), dtype=torch.float32)
     size = image.shape[1:]
     coarse = [max(round(n / max(float(f), 1.0)), 1) for n, f in zip(size, factors)]

@@ -16,7 +16,6 @@ from monai.inferers import Inferer
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, SaveImage
 from scipy import ndimage
 
-from scripts import BUNDLE_DIR
 from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.data.transforms import RejectInvalidImaged, image_reader
 from scripts.imaging import RAS_TO_LPS, sample_on_grid, to_sitk
@@ -244,25 +243,3 @@ class HeadSegmenter:
         side = np.where(sampled[2] > sampled[1], side_labels[1], side_labels[0]).astype(np.uint8)
         labels[region] = np.where(winner, side, labels[region])
         foreground[region] = np.where(winner, side_foreground, foreground[region])
-
-
-class FlatFolder(FolderLayoutBase):
-    """`output_dir/<case>_seg.nii.gz`, whichever folder the head comes from."""
-
-    def __init__(self, output_dir: str) -> None:
-        self.output_dir = output_dir
-
-    def filename(self, subject: str, idx=None, **kwargs) -> str:
-        os.makedirs(self.output_dir, exist_ok=True)
-        return os.path.join(self.output_dir, mask_name(subject))
-
-
-def configured_segmenter(config_file: str, output_dir: str, overrides: dict | None = None) -> HeadSegmenter:
-    """The head segmenter of an inference config with `overrides` (config ids), its weights loaded, writing to
-    `output_dir` (no input folder to mirror): for the commands that segment heads outside a bundle run
-    (`tools.atlas`, `tools.head_check`)."""
-    from scripts.recipe import load
-
-    parser = load(BUNDLE_DIR, [config_file], {**(overrides or {}), "head#segmenter#folder_layout": FlatFolder(output_dir)})
-    parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
-    return parser.get_parsed_content("head#segmenter")
