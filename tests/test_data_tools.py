@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts import download as download_mod
+from scripts.data import download as download_mod
 from scripts.data.synthetic import SHAPE_MAX, SHAPE_MIN, make_synthetic_dataset
 
 BUNDLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")

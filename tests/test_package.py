@@ -47,8 +47,9 @@ def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("package")
     copy = root / "bundle"
     # never touch the real bundle; skip its own caches/outputs/data so the copy holds only what the test adds
-    shutil.copytree(BUNDLE_DIR, copy, ignore=shutil.ignore_patterns(
-        "__pycache__", "*.pyc", ".*", "output", "eval", "runs", "dist", "data"))
+    anywhere = shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "output", "eval", "runs", "dist")
+    shutil.copytree(BUNDLE_DIR, copy, ignore=lambda folder, names: anywhere(folder, names) | (
+        {"data"} & set(names) if os.path.samefile(folder, BUNDLE_DIR) else set()))  # the bundle's data/, not scripts/data/
     for rel in JUNK:
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         (copy / rel).write_bytes(b"junk")
@@ -62,7 +63,7 @@ def release(tmp_path_factory):
     assert zip_path.is_file()
 
     # run from elsewhere through the file path: the bundle is found from __file__, and the zip is byte-identical
-    again = subprocess.run([sys.executable, str(copy / "scripts" / "package.py"), "--output_dir", "dist2"],
+    again = subprocess.run([sys.executable, str(copy / "tools" / "package.py"), "--output_dir", "dist2"],
                            cwd=root, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (root / "dist2" / zip_path.name).read_bytes() == zip_path.read_bytes()
@@ -82,6 +83,7 @@ def test_zip_layout_and_no_junk(release):
 
     required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
                 "models/model.pt", "models/model_tf.pt", "large_files.yml", "scripts/networks/vnet.py", "scripts/__init__.py",
+                "scripts/labels.py", "scripts/inference/outputs.py",
                 "LICENSE", "atlas/NOTICE.txt",
                 "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_brain_mask_2mm.nii.gz"}
     if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):

@@ -96,7 +96,7 @@ def test_input_broadcast_added_to_first_features():
 
 
 def test_cpu_bf16_follows_the_processor_unless_forced(monkeypatch):
-    from scripts import amp
+    from scripts.engine import amp
 
     monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)
     assert amp.cpu_bf16("auto") is False and amp.cpu_bf16("true") is True

@@ -10,7 +10,7 @@ checkpoints and hidden files, so this script copies only an allow-list:
     <name>/large_files.yml   each weight file with its SHA-256, as model-zoo bundles list them (written here)
     <name>/docs/      .md, .txt and .png files
     <name>/atlas/     the MNI152 template files whole-head inference registers to (.nii.gz) and their notice (.txt)
-    <name>/scripts/   .py and .sh files
+    <name>/scripts/   .py and .sh files, at any depth (the maintainers' tools/ stay out)
     <name>/LICENSE
 
 skipping hidden files, `__pycache__`, `*.pyc`, logs, output folders and TensorBoard event files anywhere.
