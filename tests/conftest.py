@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +19,23 @@ def files_under(*folders):
 # make the bundle's `scripts` package importable from tests run at the repo root
 sys.path.insert(0, BUNDLE_DIR)
 
+MAX_WORKERS = 4
+WORKER_MEMORY_GIB = 6  # a worker's whole-head or torchrun tests peak at about this
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker per core, as many as memory allows, at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0))
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(cores, MAX_WORKERS, int(memory_gib // WORKER_MEMORY_GIB)))
+
+
+# with several workers, each one's torch (and the command lines it starts) gets its share of the cores: more threads
+# than cores make every torch process wait on the others
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
+
 
 @pytest.fixture(scope="session")
 def synthetic_task(tmp_path_factory):
@@ -24,3 +43,27 @@ def synthetic_task(tmp_path_factory):
     from scripts.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("synthetic") / "Task04_Hippocampus"), num_cases=12)
+
+
+def copy_bundle(dest):
+    shutil.copytree(BUNDLE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "output", "eval", "*.pt", "*.ts"))
+    return str(dest)
+
+
+def run_bundle(bundle_dir, *args, timeout=600):
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=bundle_dir, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(synthetic_task, tmp_path_factory):
+    """A copy of the bundle with no weights, trained 2 epochs (tf recipe, the CPU data path) through the command line:
+    read by the training and robustness tests."""
+    bundle = copy_bundle(tmp_path_factory.mktemp("copy") / "bundle")
+    log = run_bundle(bundle, "training", "--config_file", "configs/train.yaml", "--dataset_dir", synthetic_task,
+                     "--epochs", "2", "--device_cache", "false")
+    return bundle, log

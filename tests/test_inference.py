@@ -52,8 +52,15 @@ def scans(synthetic_task, tmp_path_factory):
     return folder
 
 
-def test_nifti_masks_match_each_input_grid(scans, tmp_path):
-    result = run_inference(scans, tmp_path)
+@pytest.fixture(scope="module")
+def crop_run(scans, tmp_path_factory):
+    """One run of the command line over the scans, which several tests read."""
+    out = tmp_path_factory.mktemp("crop_run")
+    return out, run_inference(scans, out)
+
+
+def test_nifti_masks_match_each_input_grid(scans, crop_run):
+    tmp_path, result = crop_run
     assert result.returncode == 0, result.stderr[-3000:]
     inputs = sorted(glob.glob(str(scans / "*.nii.gz")))
     assert "3 written, 0 failed" in result.stdout + result.stderr
@@ -110,15 +117,15 @@ def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
     assert result.returncode == 0 and nib.load(str(existing)).shape == nib.load(first).shape
 
 
-def test_torchscript_config_gives_the_same_masks(scans, tmp_path):
+def test_torchscript_config_gives_the_same_masks(scans, crop_run, tmp_path):
     """The committed models/model.ts (the export of models/model.pt: test_export_and_evaluate.py) through its config."""
-    eager = run_inference(scans, tmp_path / "eager")
+    eager_dir, eager = crop_run
     scripted = run_inference(
         scans, tmp_path / "ts", config="['configs/inference.yaml','configs/inference_ts.yaml']",
     )
     assert eager.returncode == 0 and scripted.returncode == 0, scripted.stderr[-3000:]
-    for name in fnmatch.filter(os.listdir(tmp_path / "eager"), "*_seg.nii.gz"):
-        a = np.asarray(nib.load(str(tmp_path / "eager" / name)).dataobj)
+    for name in fnmatch.filter(os.listdir(eager_dir), "*_seg.nii.gz"):
+        a = np.asarray(nib.load(str(eager_dir / name)).dataobj)
         b = np.asarray(nib.load(str(tmp_path / "ts" / name)).dataobj)
         assert (a != b).mean() < 1e-3
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scripts.data.synthetic import make_synthetic_dataset
-from test_training import copy_bundle, run_bundle
+from conftest import copy_bundle, run_bundle
 
 MULTI_TRAIN = "['configs/train.yaml','configs/multi_gpu_train.yaml','configs/test_rank_weights.yaml']"
 # test-only override: each rank saves its own final weights, to compare them

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from test_training import copy_bundle, run_bundle
+from conftest import copy_bundle, run_bundle
 
 TRAIN = ["training", "--config_file", "configs/train.yaml"]
 
@@ -19,13 +19,11 @@ def load_weights(bundle):
     return torch.load(os.path.join(bundle, "models", "model_tf.pt"), map_location="cpu", weights_only=True)
 
 
-def test_same_seed_gives_bitwise_identical_weights_on_either_data_path(synthetic_task, tmp_path):
+def test_same_seed_gives_bitwise_identical_weights_on_either_data_path(trained_bundle, synthetic_task, tmp_path):
     """Two runs, the second on the GPU path (device-resident cache, ThreadDataLoader) with CPU tensors."""
-    weights = []
-    for name, device_cache in (("a", "false"), ("b", "true")):
-        bundle = copy_bundle(tmp_path / name)
-        run_bundle(bundle, *TRAIN, "--dataset_dir", synthetic_task, "--epochs", "2", "--device_cache", device_cache)
-        weights.append(load_weights(bundle))
+    bundle = copy_bundle(tmp_path / "b")
+    run_bundle(bundle, *TRAIN, "--dataset_dir", synthetic_task, "--epochs", "2", "--device_cache", "true")
+    weights = [load_weights(trained_bundle[0]), load_weights(bundle)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 

@@ -2,40 +2,13 @@
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import BUNDLE_DIR
 from scripts.networks.vnet import VNet
 
 LOSS_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.]+)")
-
-
-def copy_bundle(dest):
-    shutil.copytree(BUNDLE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "output", "eval", "*.pt", "*.ts"))
-    return str(dest)
-
-
-def run_bundle(bundle_dir, *args, timeout=600):
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *args],
-        cwd=bundle_dir, capture_output=True, text=True, timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def trained_bundle(synthetic_task, tmp_path_factory):
-    bundle = copy_bundle(tmp_path_factory.mktemp("copy") / "bundle")
-    log = run_bundle(
-        bundle, "training", "--config_file", "configs/train.yaml", "--dataset_dir", synthetic_task, "--epochs", "2"
-    )
-    return bundle, log
 
 
 def test_training_writes_loadable_best_weights(trained_bundle):
