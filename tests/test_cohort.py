@@ -192,8 +192,8 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
     assert failed.qc_reasons == "left hippocampus: test-time augmentations agree at 0.55"
 
     rng = np.random.default_rng(0)
-    cohort = [CaseRow(f"{i}", "head", {"left anterior": 3500 + rng.normal(0, 100), "right anterior": 3600 + rng.normal(0, 100)},
-                      etiv_mm3=1.5e6) for i in range(20)]
+    cohort = [CaseRow(f"{i}", "head", {"left anterior": 3500 + rng.normal(0, 100),
+                                       "right anterior": 3600 + rng.normal(0, 100)}, etiv_mm3=1.5e6) for i in range(20)]
     cohort[7].volumes["left anterior"] = 2200.0
     flag_cohort_outliers(cohort[:19])  # fewer than 20 heads: no cohort
     assert all(r.qc == "pass" for r in cohort)

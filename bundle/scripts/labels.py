@@ -1,5 +1,5 @@
-"""The labels the bundle writes and the names of its cases and masks, once: QC, tables, BIDS and DICOM SEG read them here, and
-tests/test_configs.py checks the configs and metadata.json against them."""
+"""The labels the bundle writes and the names of its cases and masks, once: QC, tables, BIDS and DICOM SEG read them
+here, and tests/test_configs.py checks the configs and metadata.json against them."""
 
 from __future__ import annotations
 

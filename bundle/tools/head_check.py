@@ -50,9 +50,7 @@ class FlatFolder(FolderLayoutBase):
 def configured_segmenter(config_file: str, output_dir: str, overrides: dict | None = None) -> HeadSegmenter:
     """The head segmenter of an inference config with `overrides` (config ids), its weights loaded, writing to
     `output_dir` (no input folder to mirror): for the commands that segment heads outside a bundle run
-    (`tools.atlas`, `tools.head_check`)."""
-    from scripts.recipe import load
-
+    (`tools.atlas`, `tools.head_check`, `tools.failure_set`)."""
     parser = load(BUNDLE_DIR, [config_file], {**(overrides or {}), "head#segmenter#folder_layout": FlatFolder(output_dir)})
     parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
     return parser.get_parsed_content("head#segmenter")
@@ -468,7 +466,7 @@ def _print_borders(rows: list[dict]) -> None:
               for key in BORDER_COLUMNS} for tool in ("borders", "hippodeep_borders")]
     print(f"| **mean** ({2 * len(labelled)} sides) | | {cells(*means)} |")
     worst = min(row["borders"][side]["dice"] for row in labelled for side in ("left", "right"))
-    print(f"mean per side, this bundle: " + ", ".join(f"{key} {means[0][key]:.3f}" for key in BORDER_COLUMNS) +
+    print("mean per side, this bundle: " + ", ".join(f"{key} {means[0][key]:.3f}" for key in BORDER_COLUMNS) +
           f", min dice {worst:.3f}")
 
 

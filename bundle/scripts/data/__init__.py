@@ -1,1 +1,1 @@
-"""MSD task data: reading and splitting a task, checking its cases, downloading it, input checks and augmentations, and a synthetic task."""
+"""MSD task data: reading, splitting and checking a task, its download, input checks, augmentations, a synthetic task."""

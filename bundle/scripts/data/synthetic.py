@@ -13,7 +13,8 @@ from scripts.labels import CLASS_NAMES
 # per-axis size ranges of the real Task04_Hippocampus volumes (inclusive)
 SHAPE_MIN = (31, 40, 24)
 SHAPE_MAX = (43, 59, 47)
-LABELS = {str(label): name if label == 0 else name.capitalize() for label, name in enumerate(CLASS_NAMES)}  # as MSD writes them
+# dataset.json's label names, as MSD writes them
+LABELS = {str(label): name if label == 0 else name.capitalize() for label, name in enumerate(CLASS_NAMES)}
 
 
 def _smooth_field(rng: np.random.Generator, grids, shape, n_waves: int = 4) -> np.ndarray:

@@ -1,1 +1,1 @@
-"""What MONAI's engines lack here: Ignite handlers, CPU mixed precision, flip-averaging inference, the multi-process set-up and the throughput benchmark."""
+"""What MONAI's engines lack here: handlers, CPU mixed precision, flip averaging, processes, the benchmark."""

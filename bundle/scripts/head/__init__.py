@@ -1,1 +1,1 @@
-"""Whole heads: brain extraction and registration to the MNI152 brain place one box per hippocampus, which the crop model segments."""
+"""Whole heads: brain extraction and registration place one box per hippocampus for the crop model."""

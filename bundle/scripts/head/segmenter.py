@@ -16,10 +16,11 @@ from monai.inferers import Inferer
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, SaveImage
 from scipy import ndimage
 
-from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.data.transforms import RejectInvalidImaged, image_reader
+from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.imaging import RAS_TO_LPS, sample_on_grid, to_sitk
-from scripts.labels import HEAD_LABELS, SIDES, mask_name
+from scripts.labels import HEAD_LABELS, SIDES
+
 
 def field_of_view_mm(path: str) -> np.ndarray:
     """The physical extent (mm) of each axis of a NIfTI or FreeSurfer file or DICOM series folder, from its header."""

@@ -82,8 +82,8 @@ def failure_reason(error: BaseException) -> str:
 
 
 class HeadCases:
-    """Whole-head cases, segmented one at a time by `segmenter` (`scripts.head.segmenter.HeadSegmenter`); a case that fails
-    is kept in `failures` with its reason, and the others go on."""
+    """Whole-head cases, segmented one at a time by `segmenter` (`scripts.head.segmenter.HeadSegmenter`); a case that
+    fails is kept in `failures` with its reason, and the others go on."""
 
     def __init__(self, data: Sequence[dict], segmenter: Callable[[str], dict]) -> None:
         self.cases = list(data)

@@ -16,6 +16,7 @@ from scripts.labels import IMAGE_SUFFIXES, case_name, mask_name
 
 logger = logging.getLogger(__name__)
 
+
 def _is_dicom_series(folder: str) -> bool:
     for name in os.listdir(folder):
         path = os.path.join(folder, name)

@@ -23,6 +23,7 @@ from scripts.qc.pictures import draw_qc_png
 
 logger = logging.getLogger(__name__)
 PARALLEL_PICTURES = 32  # from this many pictures on, one process per core draws them
+Written = tuple[str, str, CaseRow, dict | None]  # a written case: image, mask, its row, the head segmenter's result
 
 
 def _metadata(metadata_file: str) -> dict:
@@ -37,7 +38,7 @@ class CaseRows:
     def __init__(self, inputs: Inputs, quality: QualityCheck, confidence: ConfidenceRecorder) -> None:
         self.inputs, self.quality, self.confidence = inputs, quality, confidence
 
-    def __call__(self, segmented: Sequence) -> tuple[list[tuple[str, str, CaseRow, dict | None]], list[tuple[str, str]]]:
+    def __call__(self, segmented: Sequence) -> tuple[list[Written], list[tuple[str, str]]]:
         """(image, mask, row, head result) of each written case of `segmented` (the crops' `CaseStream`, the heads'
         `HeadCases`), and (image, reason) of each failed one."""
         failed = [failure for cases in segmented for failure in cases.failures]
@@ -133,19 +134,19 @@ class DicomSegs:
 
 class RunFiles:
     """On the first process, from every process's rows: the volumes table, the BIDS dataset files, the cohort report
-    (`enabled_report`; it draws the pictures of cases an earlier run segmented) and each cohort outlier's sidecar,
+    (`html_report`; it draws the pictures of cases an earlier run segmented) and each cohort outlier's sidecar,
     then the run's summary line."""
 
-    def __init__(self, inputs: Inputs, quality: QualityCheck, metadata_file: str, enabled_report: bool = True) -> None:
+    def __init__(self, inputs: Inputs, quality: QualityCheck, metadata_file: str, html_report: bool = True) -> None:
         self.inputs, self.quality, self.metadata = inputs, quality, _metadata(metadata_file)
-        self.enabled_report = enabled_report
+        self.html_report = html_report
 
     def __call__(self, rows: list[CaseRow], failed: list[tuple[str, str]]) -> None:
         inputs = self.inputs
         table_file, table = write_volumes(inputs, rows, self.quality)
         if inputs.bids:
             bids.write_dataset_files(inputs.output_dir, inputs.root, self.metadata)
-        if self.enabled_report:
+        if self.html_report:
             # every case of the table; those segmented by an earlier run may have no picture yet
             earlier = [(image, inputs.mask_path(image), inputs.qc_png_path(image)) for image in inputs.paths]
             draw_pictures([case for case in earlier if os.path.isfile(case[1]) and not os.path.isfile(case[2])])

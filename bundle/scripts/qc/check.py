@@ -71,8 +71,8 @@ class CaseRow:
         if self.qc_score is not None:
             columns["qc_score"] = f"{self.qc_score:.3f}"
         columns.update({f"{part}_mm3": f"{self.volume(part=part):.1f}" for part in PARTS})
-        columns.update(total_mm3=f"{self.volume():.1f}",
-                       confidence="" if self.confidence is None or math.isnan(self.confidence) else f"{self.confidence:.4f}",
+        known = self.confidence is not None and not math.isnan(self.confidence)
+        columns.update(total_mm3=f"{self.volume():.1f}", confidence=f"{self.confidence:.4f}" if known else "",
                        qc=self.qc, qc_reasons=self.qc_reasons)
         return columns
 
