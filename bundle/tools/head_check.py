@@ -34,6 +34,13 @@ from scripts.recipe import load
 
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 TIME_STEPS = ("read_s", "extraction_s", "registration_s", "segmentation_s", "writing_s")
+STEPS_HEADER = "read / extraction / registration / segmentation / writing s"
+
+
+def _print_header(*columns: str) -> None:
+    """The header of a Markdown table."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
 
 
 class FlatFolder(FolderLayoutBase):
@@ -200,9 +207,7 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
     for name, description in descriptions.items():
         rows.append({"name": name, "change": description, **segment_timed(segmenter, head_file(inputs, name))})
     reference = in_template_grid(os.path.join(masks, mask_name("template")), "template")
-    print("| copy | change | Dice left / right | eTIV cm3 | read / extraction / registration / segmentation / writing s | "
-          "total s |")
-    print("|---|---|---|---|---|---|")
+    _print_header("copy", "change", "Dice left / right", "eTIV cm3", STEPS_HEADER, "total s")
     for row in rows:
         if "failed" in row:
             print(f"| {row['name']} | {row['change']} | failed: {row['failed']} | | | {row['total_s']:.2f} |")
@@ -420,9 +425,8 @@ def _print_real_heads(rows: list[dict], startup_s: float) -> None:
     def pair(scores: dict | None) -> str:
         return f"{scores['left']:.3f} / {scores['right']:.3f}" if scores else ""
 
-    print("| head | Dice L / R vs reference | vs hippodeep | hippodeep vs reference | eTIV / hippodeep's cm3 | "
-          "read / extraction / registration / segmentation / writing s | total s |")
-    print("|---|---|---|---|---|---|---|")
+    _print_header("head", "Dice L / R vs reference", "vs hippodeep", "hippodeep vs reference", "eTIV / hippodeep's cm3",
+                  STEPS_HEADER, "total s")
     for row in rows:
         if "failed" in row:
             print(f"| {row['case']} | failed: {row['failed']} | | | | | {row['total_s']:.1f} |")
