@@ -10,23 +10,18 @@ from collections.abc import Sequence
 
 from scripts import atomic_write
 from scripts.inference.bids import entities
-from scripts.labels import PARTS, SIDES
-from scripts.qc.check import VOLUME_COLUMNS, CaseRow, QualityCheck, flag_cohort_outliers
+from scripts.qc.check import SIDE_PARTS, VOLUME_COLUMNS, CaseRow, QualityCheck, flag_cohort_outliers
 
 logger = logging.getLogger(__name__)
-FRACTION_COLUMNS = [f"{side}_{part}_etiv_fraction" for side in SIDES for part in (*PARTS, "total")]
+FRACTION_COLUMNS = [f"{side}_{part}_etiv_fraction" for side, part in SIDE_PARTS]
 
 
 def _bids_columns(row: CaseRow) -> dict[str, str]:
     """A `volumes.tsv` row: the participant and session first, each side's volumes also as a fraction of eTIV, n/a
     for what does not apply."""
     labels = entities(row.case)
-    fractions = {}
-    if row.kind == "head" and row.etiv_mm3:
-        for side in SIDES:
-            fractions.update({f"{side}_{part}_etiv_fraction": f"{row.volume(side, part) / row.etiv_mm3:.6g}"
-                              for part in PARTS})
-            fractions[f"{side}_total_etiv_fraction"] = f"{row.volume(side) / row.etiv_mm3:.6g}"
+    fractions = ({f"{name}_etiv_fraction": f"{value / row.etiv_mm3:.6g}" for name, value in row.side_volumes().items()}
+                 if row.etiv_mm3 else {})
     columns = {"participant_id": f"sub-{labels['sub']}", "session_id": f"ses-{labels['ses']}" if "ses" in labels else "",
                **row.columns(), **fractions}
     return {key: value if value != "" else "n/a" for key, value in columns.items()}

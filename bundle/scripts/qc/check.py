@@ -14,8 +14,9 @@ from scipy import ndimage
 from scripts.imaging import nonzero_box
 from scripts.labels import PARTS, SIDES, structures
 
+SIDE_PARTS = [(side, part) for side in SIDES for part in (*PARTS, "total")]  # a head's per-side volumes
 VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
-                  *(f"{side}_{part}_mm3" for side in SIDES for part in (*PARTS, "total")),
+                  *(f"{side}_{part}_mm3" for side, part in SIDE_PARTS),
                   "etiv_mm3", "confidence", *(f"{side}_{signal}" for signal in ("confidence", "agreement")
                                               for side in SIDES),
                   "qc", "qc_score", "qc_reasons"]
@@ -24,7 +25,12 @@ COHORT_MAX_Z = 3.5  # robust z-score (median, 1.4826 MAD) beyond which a head is
 
 
 def _number(text: str | None) -> float | None:
-    return float(text) if text not in (None, "", "n/a") else None
+    return float(text) if text else None
+
+
+def _structure(side: str | None, part: str) -> str:
+    """The key of a structure in `CaseRow.volumes` and in QC's reasons: `anterior`, or `left anterior` in a head."""
+    return f"{side} {part}" if side else part
 
 
 @dataclass
@@ -56,13 +62,16 @@ class CaseRow:
     def qc_reasons(self) -> str:
         return "; ".join(self.reasons)
 
+    def side_volumes(self) -> dict[str, float]:
+        """A head's mm3 per side and part, and per side in total: `left_anterior` ... `right_total` (none for a crop)."""
+        if self.kind != "head":
+            return {}
+        return {f"{side}_{part}": self.volume(side, None if part == "total" else part) for side, part in SIDE_PARTS}
+
     def columns(self) -> dict[str, str]:
         """The row as the volumes table writes it (`VOLUME_COLUMNS`; those that do not apply are left out)."""
         columns = {"case": self.case, "kind": self.kind}
-        if self.kind == "head":
-            for side in SIDES:
-                columns.update({f"{side}_{part}_mm3": f"{self.volume(side, part):.1f}" for part in PARTS})
-                columns[f"{side}_total_mm3"] = f"{self.volume(side):.1f}"
+        columns.update({f"{name}_mm3": f"{value:.1f}" for name, value in self.side_volumes().items()})
         if self.etiv_mm3 is not None:
             columns["etiv_mm3"] = f"{self.etiv_mm3:.0f}"
         for side in self.side_agreement:
@@ -80,7 +89,7 @@ class CaseRow:
     def from_columns(cls, columns: Mapping[str, str]) -> CaseRow:
         """A row read back from a volumes table (`columns`' inverse, to the precision written)."""
         kind = columns["kind"]
-        names = {f"{side} {part}" if side else part: f"{side}_{part}_mm3" if side else f"{part}_mm3"
+        names = {_structure(side, part): f"{_structure(side, part).replace(' ', '_')}_mm3"
                  for _, side, part in structures(kind)}
         signals = [side for side in SIDES if _number(columns.get(f"{side}_agreement")) is not None]
         return cls(case=columns["case"], kind=kind,
@@ -128,7 +137,7 @@ class QualityCheck:
             labels = labels[nonzero_box(labels)]  # counting all of a head's mask took 0.1 s
         voxel = abs(float(np.linalg.det(mask.affine[:3, :3])))
         kind = "head" if head is not None or labels.max() > 2 else "crop"
-        named = {f"{side} {part}" if side else part: label for label, side, part in structures(kind)}
+        named = {_structure(side, part): label for label, side, part in structures(kind)}
         counts = np.bincount(labels.ravel(), minlength=5)
         row = CaseRow(case, kind, {name: float(counts[label]) * voxel for name, label in named.items()},
                       etiv_mm3=head["etiv_mm3"] if head is not None else None, confidence=confidence)
