@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -55,6 +56,24 @@ def sample_on_grid(array: np.ndarray, array_affine: np.ndarray, grid_affine: np.
     to_array = np.linalg.inv(array_affine) @ grid_affine
     points = to_array[:3, :3] @ np.indices(grid_shape).reshape(3, -1) + to_array[:3, 3:]
     return ndimage.map_coordinates(array, points, order=order, mode="constant", cval=cval).reshape(grid_shape)
+
+
+def sample_near(array: np.ndarray, array_affine: np.ndarray, grid_affine: np.ndarray, grid_shape: Sequence[int],
+                box: Sequence[slice], margin: int = 0, order: int = 1,
+                cval: float = 0.0) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """`sample_on_grid` in the grid's region that holds `box` (voxels of `array`), `margin` voxels wider: that region
+    (slices of the grid) and the samples; None when the box lies outside the grid."""
+    corners = np.array([[s.start if low else s.stop - 1 for s, low in zip(box, choice)]
+                        for choice in np.ndindex(2, 2, 2)])
+    voxels = nib.affines.apply_affine(np.linalg.inv(grid_affine) @ array_affine, corners)
+    start = np.clip(np.floor(voxels.min(0)).astype(int) - margin, 0, grid_shape)
+    stop = np.clip(np.ceil(voxels.max(0)).astype(int) + 1 + margin, 0, grid_shape)
+    if np.any(stop <= start):
+        return None
+    region_affine = np.array(grid_affine, dtype=np.float64)
+    region_affine[:3, 3] = grid_affine[:3, :3] @ start + grid_affine[:3, 3]  # the grid's voxels from `start` on
+    region = tuple(slice(a, b) for a, b in zip(start, stop))
+    return region, sample_on_grid(array, array_affine, region_affine, stop - start, order, cval)
 
 
 def to_sitk(image) -> sitk.Image:

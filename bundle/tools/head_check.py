@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from scripts import BUNDLE_DIR
 from scripts.head.segmenter import HeadSegmenter
-from scripts.imaging import from_sitk, nonzero_box, resample, sample_on_grid, to_sitk
+from scripts.imaging import from_sitk, nonzero_box, resample, sample_near, sample_on_grid, to_sitk
 from scripts.labels import HEAD_LABELS, MASK_SUFFIX, mask_name
 from scripts.qc.calibration import dice
 from scripts.recipe import load
@@ -354,16 +354,10 @@ def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.n
     result = np.zeros(shape, dtype=bool)
     if not inside.any():
         return result
-    box = nonzero_box(inside)
-    corners = np.array([[s.start if low else s.stop - 1 for s, low in zip(box, choice)]
-                        for choice in np.ndindex(2, 2, 2)])
-    corners = nib.affines.apply_affine(np.linalg.inv(target_affine) @ affine, corners)
-    start = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, shape)
-    stop = np.clip(np.ceil(corners.max(0)).astype(int) + 2, 0, shape)
-    region_affine = target_affine.copy()
-    region_affine[:3, 3] = target_affine[:3, :3] @ start + target_affine[:3, 3]
-    region = tuple(slice(a, b) for a, b in zip(start, stop))
-    result[region] = sample_on_grid(inside.astype(np.uint8), affine, region_affine, stop - start, order=0) > 0
+    sampled = sample_near(inside.astype(np.uint8), affine, target_affine, shape, nonzero_box(inside), margin=1, order=0)
+    if sampled is not None:
+        region, values = sampled
+        result[region] = values > 0
     return result
 
 

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from scripts.data.transforms import RejectInvalidImaged, image_reader
 from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
-from scripts.imaging import RAS_TO_LPS, sample_on_grid, to_sitk
+from scripts.imaging import RAS_TO_LPS, sample_near, to_sitk
 from scripts.labels import HEAD_LABELS, SIDES
 
 
@@ -227,18 +227,13 @@ class HeadSegmenter:
                foreground: np.ndarray, side_labels: tuple[int, int]) -> None:
         """Interpolates box probabilities at the scan's voxels inside the box and writes the side's labels where
         its hippocampus is more likely than background and than the other side's."""
-        box_shape = np.array(probabilities.shape[1:])
-        corners = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)]) * (box_shape - 1)
-        voxels = nib.affines.apply_affine(np.linalg.inv(affine) @ box_affine, corners)
-        start = np.clip(np.floor(voxels.min(0)).astype(int), 0, labels.shape)
-        stop = np.clip(np.ceil(voxels.max(0)).astype(int) + 1, 0, labels.shape)
-        if np.any(stop <= start):
+        whole_box = tuple(slice(0, n) for n in probabilities.shape[1:])
+        channels = [sample_near(channel, box_affine, affine, labels.shape, whole_box, cval=1.0 if c == 0 else 0.0)
+                    for c, channel in enumerate(probabilities)]
+        if channels[0] is None:
             return
-        region_affine = affine.copy()
-        region_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]  # the scan's voxels from `start` on
-        sampled = np.stack([sample_on_grid(channel, box_affine, region_affine, stop - start, cval=1.0 if c == 0 else 0.0)
-                            for c, channel in enumerate(probabilities)])
-        region = tuple(slice(a, b) for a, b in zip(start, stop))
+        region = channels[0][0]
+        sampled = np.stack([samples for _, samples in channels])
         side_foreground = 1.0 - sampled[0]
         winner = (sampled.argmax(0) > 0) & (side_foreground > foreground[region])
         side = np.where(sampled[2] > sampled[1], side_labels[1], side_labels[0]).astype(np.uint8)
