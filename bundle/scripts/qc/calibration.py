@@ -19,6 +19,7 @@ import numpy as np
 
 from scripts import BUNDLE_DIR
 from scripts.labels import PARTS, mask_name
+from scripts.qc.check import CaseRow
 
 
 def split_cases(dataset_dir: str, split: str) -> list[dict[str, str]]:
@@ -75,7 +76,7 @@ def evaluate(dataset_dir: str, split: str = "validation", output_dir: str = "eva
     segment_folder(images, masks, *(["--keep_largest", str(keep_largest).lower()] if keep_largest is not None else []),
                    check=False)
     with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
-        rows = {row["case"]: row for row in csv.DictReader(f)}
+        rows = {row["case"]: CaseRow.from_columns(row) for row in csv.DictReader(f)}
     results = []
     for case in cases:
         name = os.path.basename(case["image"])
@@ -85,10 +86,10 @@ def evaluate(dataset_dir: str, split: str = "validation", output_dir: str = "eva
         voxel = abs(float(np.linalg.det(label.affine[:3, :3])))
         row = rows[name]
         results.append({
-            "case": name, "qc": row["qc"], "reasons": row["qc_reasons"], "confidence": float(row["confidence"]),
+            "case": name, "qc": row.qc, "reasons": row.qc_reasons, "confidence": row.confidence,
             **{f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)},
             **{f"{part}_true": float((truth == i).sum()) * voxel for i, part in enumerate(PARTS, start=1)},
-            **{f"{part}_pred": float(row[f"{part}_mm3"]) for part in PARTS},
+            **{f"{part}_pred": row.volume(part=part) for part in PARTS},
         })
     return {"split": split, "cases": len(results), **_summarise(results)}
 
