@@ -17,6 +17,8 @@ from monai.transforms import LoadImaged, SaveImaged
 from monai.utils import ensure_tuple
 
 from conftest import BUNDLE_DIR, REPO_DIR
+from scripts.engine import amp
+from scripts.qc.calibration import dice
 from scripts.recipe import load
 
 CONFIGS = os.path.join(BUNDLE_DIR, "configs")
@@ -25,6 +27,12 @@ MONAI_LABEL_PYTHON = os.path.join(REPO_DIR, ".venv-monailabel", "bin", "python")
 # each inference chain and the training chain of its recipe
 RECIPES = {"native": (["inference.yaml"], ["train.yaml", "train_native.yaml"]),
            "tf": (["inference.yaml", "inference_tf.yaml"], ["train.yaml"])}
+# bf16 autocast against fp32 (assert_within_bf16_rounding). On 9 Task04 crops, each at 1 and 2 threads, bf16 moved at
+# most 7 voxels, each where fp32's two highest probabilities were within 0.013, and no label's Dice fell below 0.9986
+# (AMD EPYC, bf16 emulated). The bounds leave about 4x and 3x that room; a pipeline drift moves whole boundary layers
+# (hundreds of voxels, margins up to 1).
+BF16_TIE = 0.05
+MIN_BF16_DICE = 0.995
 
 
 def parse(config_files, **overrides):
@@ -39,7 +47,8 @@ def metadata():
 @pytest.fixture(scope="module")
 def crop(tmp_path_factory):
     """A Task04-sized crop of the shipped template around its left hippocampus, stored in LPS voxel order, and the
-    command line's masks of it with `models/model.pt` and with `models/model.ts` (configs/inference_ts.yaml)."""
+    command line's masks of it: in fp32 with `models/model.pt` ("pt") and `models/model.ts` (configs/inference_ts.yaml,
+    "ts"), and where the CPU has native bf16, in bf16 with `models/model.pt` on all the machine's cores ("pt_bf16")."""
     folder = tmp_path_factory.mktemp("client_crop")
     template = nib.load(TEMPLATE)
     centre = (np.linalg.inv(template.affine) @ [-26.7, -22.2, -14.8, 1])[:3]
@@ -52,27 +61,45 @@ def crop(tmp_path_factory):
     path = str(folder / "crop.nii.gz")
     nib.save(nib.Nifti1Image(data[::-1].copy(), affine), path)
     masks = {}
-    for weights, configs in (("pt", "configs/inference.yaml"),
-                             ("ts", "['configs/inference.yaml','configs/inference_ts.yaml']")):
+    runs = [("pt", "configs/inference.yaml", "false", None),
+            ("ts", "['configs/inference.yaml','configs/inference_ts.yaml']", "false", None)]
+    if amp.cpu_has_native_bf16():
+        runs.append(("pt_bf16", "configs/inference.yaml", "true",
+                     {**os.environ, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}))
+    for name, configs, bf16, env in runs:
         result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir",
-                                 path, "--output_dir", str(folder / weights), "--report", "false"],
-                                cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300)
+                                 path, "--output_dir", str(folder / name), "--report", "false", "--cpu_bf16", bf16],
+                                cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-        masks[weights] = np.asarray(nib.load(str(folder / weights / "crop_seg.nii.gz")).dataobj)
-        assert set(np.unique(masks[weights])) == {0, 1, 2}  # both parts found, so equal masks mean something
+        masks[name] = np.asarray(nib.load(str(folder / name / "crop_seg.nii.gz")).dataobj)
+        assert set(np.unique(masks[name])) == {0, 1, 2}  # both parts found, so equal masks mean something
     return path, masks
 
 
-def monai_label_mask(image: str, device) -> np.ndarray:
-    """The mask as MONAI Label 0.8.5's BundleInferTask makes it (monailabel/tasks/infer/bundle.py and basic_infer.py):
+def assert_within_bf16_rounding(mask: np.ndarray, fp32_mask: np.ndarray, fp32_probabilities: np.ndarray) -> None:
+    """`mask`, made with bf16 autocast, is the fp32 pipeline's mask but for bf16's rounding: each label's Dice with
+    `fp32_mask` is at least MIN_BF16_DICE, and a voxel may take another label only where fp32's two highest class
+    probabilities are within BF16_TIE of each other. A drifting pipeline (another transform, another inverse) moves
+    voxels far from any tie and fails."""
+    moved = mask != fp32_mask
+    top_two = np.sort(fp32_probabilities, axis=0)[-2:]
+    margins = (top_two[1] - top_two[0])[moved]
+    assert np.all(margins < BF16_TIE), f"{moved.sum()} voxels moved, fp32 margins up to {margins.max():.3f}"
+    for label in (1, 2):
+        assert dice(mask == label, fp32_mask == label) >= MIN_BF16_DICE, (label, int(moved.sum()))
+
+
+def monai_label_mask(image: str, device, cpu_bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The mask and class probabilities on the scan's grid as MONAI Label 0.8.5's BundleInferTask makes them
+    (monailabel/tasks/infer/bundle.py and basic_infer.py):
     a ConfigParser on the bundle with `bundle_root` set; `network_def` with `models/model.pt`'s "model" weights;
     the request's device replacing `device`; `preprocessing` with each LoadImaged reading every key it lists and
     returning metadata; the inferer on the batched image; `postprocessing` without SaveImaged; the channel dropped.
     (It also adds `image_path` to the data, which MONAI 1.5.2 and later's Spacingd takes for metadata: the real
-    client's test below runs with MONAI 1.5.1.)"""
+    client's test below runs with MONAI 1.5.1.) `cpu_bf16` is the config's own switch: fp32 unless asked."""
     parser = ConfigParser()
     parser.read_config(os.path.join(CONFIGS, "inference.yaml"))
-    parser.config.update({"bundle_root": BUNDLE_DIR})
+    parser.config.update({"bundle_root": BUNDLE_DIR, "cpu_bf16": cpu_bf16})
     network = parser.get_parsed_content("network_def", instantiate=True)
     formats = metadata()["network_data_format"]
     image_key, pred_key = next(iter(formats["inputs"])), next(iter(formats["outputs"]))
@@ -96,17 +123,19 @@ def monai_label_mask(image: str, device) -> np.ndarray:
     for transform in parser.get_parsed_content("postprocessing", instantiate=True).transforms:
         if not isinstance(transform, SaveImaged):
             data = transform(data)
-    return np.asarray(data[pred_key][0])
+    return np.asarray(data[pred_key][0]), np.asarray(data["probabilities"])
 
 
-def monai_deploy_mask(image: str) -> np.ndarray:
+def monai_deploy_mask(image: str, cpu_bf16: bool = False) -> np.ndarray:
     """The mask as MONAI Deploy's MonaiBundleInferenceOperator makes it from a bundle folder
     (monai/deploy/operators/monai_bundle_inference_operator.py): `metadata.json` and `inference.yaml` parsed with no
     `bundle_root`; `models/model.ts`; `device` and `inferer` from the config; `preprocessing` and `postprocessing` less
-    the transforms named LoadImage* or SaveImage*, run on a MetaTensor as its loaders give it (W, H, D, no channel)."""
+    the transforms named LoadImage* or SaveImage*, run on a MetaTensor as its loaders give it (W, H, D, no channel);
+    `cpu_bf16` as for MONAI Label's."""
     parser = ConfigParser()
     parser.read_meta(f=metadata())
     parser.read_config([os.path.join(CONFIGS, "inference.yaml")])
+    parser["cpu_bf16"] = cpu_bf16
     parser.parse()
     device = parser.get_parsed_content("device")
     inferer = parser.get_parsed_content("inferer")
@@ -132,9 +161,10 @@ def monai_deploy_mask(image: str) -> np.ndarray:
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["string", "torch.device"])
 def test_monai_label_way_gives_the_command_line_mask(crop, device, tmp_path, monkeypatch):
+    """In fp32 the same pipeline gives the same mask, whatever the process, its thread count or the weights' layout."""
     monkeypatch.chdir(tmp_path)
     image, masks = crop
-    assert np.array_equal(monai_label_mask(image, device), masks["pt"])
+    assert np.array_equal(monai_label_mask(image, device)[0], masks["pt"])
     assert os.listdir(tmp_path) == []
 
 
@@ -144,6 +174,24 @@ def test_monai_deploy_way_gives_the_command_line_mask(crop, tmp_path, monkeypatc
     image, masks = crop
     assert np.array_equal(monai_deploy_mask(image), masks["ts"])
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not amp.cpu_has_native_bf16(), reason="no native bf16 on this CPU (emulated, it runs ~80x slower)")
+def test_bf16_masks_differ_from_fp32_only_by_rounding(crop):
+    """bf16 autocast (the default on CPUs with native bf16) on one thread in this process, and on all cores in the
+    command line: different kernels and summation orders, so boundary voxels may move, but only near-ties."""
+    image, masks = crop
+    fp32_mask, fp32_probabilities = monai_label_mask(image, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bf16_mask, _ = monai_label_mask(image, "cpu", cpu_bf16=True)
+    finally:
+        torch.set_num_threads(threads)
+    for mask in (bf16_mask, masks["pt_bf16"]):
+        assert_within_bf16_rounding(mask, fp32_mask, fp32_probabilities)
+    for label in (1, 2):
+        assert dice(bf16_mask == label, masks["pt_bf16"] == label) >= MIN_BF16_DICE
 
 
 def test_metadata_names_what_the_clients_read():
@@ -167,7 +215,11 @@ def test_real_monai_label_gives_the_command_line_mask(crop, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["labels"] == {"anterior": 1, "posterior": 2}
     label = nib.load(str(tmp_path / "label.nii.gz"))
-    assert np.array_equal(np.asarray(label.dataobj).astype(np.uint8), masks["pt"])
+    mask = np.asarray(label.dataobj).astype(np.uint8)
+    if amp.cpu_bf16("auto"):  # the real client runs the config's defaults: bf16 where the CPU has it
+        assert_within_bf16_rounding(mask, *monai_label_mask(image, "cpu"))
+    else:
+        assert np.array_equal(mask, masks["pt"])
     assert np.allclose(label.affine, nib.load(image).affine)
 
 
