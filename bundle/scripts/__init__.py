@@ -63,7 +63,9 @@ def as_bool(value: object) -> bool:
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     """Write `path` through a temporary file in the same folder and a rename: readers (and a process killed
     while writing) never see a partial file. The folder must exist."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
 from scipy import ndimage
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -45,12 +45,27 @@ def resample(image: sitk.Image, spacing: float | Sequence[float], interpolator=s
         if max(s / new for s, new in zip(sigmas, spacing)) >= 0.1:
             image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigmas])
     size = [max(1, int(round(n * old / new))) for n, old, new in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing.tolist(),
-                         image.GetDirection(), 0.0, image.GetPixelID())
+    return sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        interpolator,
+        image.GetOrigin(),
+        spacing.tolist(),
+        image.GetDirection(),
+        0.0,
+        image.GetPixelID(),
+    )
 
 
-def sample_on_grid(array: np.ndarray, array_affine: np.ndarray, grid_affine: np.ndarray, grid_shape: Sequence[int],
-                   order: int = 1, cval: float = 0.0) -> np.ndarray:
+def sample_on_grid(
+    array: np.ndarray,
+    array_affine: np.ndarray,
+    grid_affine: np.ndarray,
+    grid_shape: Sequence[int],
+    order: int = 1,
+    cval: float = 0.0,
+) -> np.ndarray:
     """`array` (voxel-to-world `array_affine`) sampled at the voxels of another grid (`grid_affine`, `grid_shape`),
     through world space: trilinear (`order` 1) or nearest (0), `cval` outside `array`."""
     to_array = np.linalg.inv(array_affine) @ grid_affine
@@ -58,13 +73,21 @@ def sample_on_grid(array: np.ndarray, array_affine: np.ndarray, grid_affine: np.
     return ndimage.map_coordinates(array, points, order=order, mode="constant", cval=cval).reshape(grid_shape)
 
 
-def sample_near(array: np.ndarray, array_affine: np.ndarray, grid_affine: np.ndarray, grid_shape: Sequence[int],
-                box: Sequence[slice], margin: int = 0, order: int = 1,
-                cval: float = 0.0) -> tuple[tuple[slice, ...], np.ndarray] | None:
+def sample_near(
+    array: np.ndarray,
+    array_affine: np.ndarray,
+    grid_affine: np.ndarray,
+    grid_shape: Sequence[int],
+    box: Sequence[slice],
+    margin: int = 0,
+    order: int = 1,
+    cval: float = 0.0,
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """`sample_on_grid` in the grid's region that holds `box` (voxels of `array`), `margin` voxels wider: that region
     (slices of the grid) and the samples; None when the box lies outside the grid."""
-    corners = np.array([[s.start if low else s.stop - 1 for s, low in zip(box, choice)]
-                        for choice in np.ndindex(2, 2, 2)])
+    corners = np.array(
+        [[s.start if low else s.stop - 1 for s, low in zip(box, choice)] for choice in np.ndindex(2, 2, 2)]
+    )
     voxels = nib.affines.apply_affine(np.linalg.inv(grid_affine) @ array_affine, corners)
     start = np.clip(np.floor(voxels.min(0)).astype(int) - margin, 0, grid_shape)
     stop = np.clip(np.ceil(voxels.max(0)).astype(int) + 1 + margin, 0, grid_shape)

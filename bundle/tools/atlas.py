@@ -15,8 +15,7 @@ import tempfile
 import fire
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
-
+import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
 from scripts.head.localisation import BrainExtraction
 from scripts.imaging import resample
 from scripts.labels import HEAD_LABELS, mask_name
@@ -34,8 +33,10 @@ def build(nilearn_data: str, output_dir: str = "atlas") -> None:
     _, mask = BrainExtraction()(sitk.ReadImage(os.path.join(output_dir, TEMPLATE), sitk.sitkFloat32))
     mask = resample(mask, 2.0, sitk.sitkNearestNeighbor)
     sitk.WriteImage(mask, os.path.join(output_dir, BRAIN_MASK), useCompression=True)
-    print(f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{BRAIN_MASK} ({int(sitk.GetArrayViewFromImage(mask).sum())} "
-          "voxels of 8 mm3)")
+    print(
+        f"wrote {output_dir}/{TEMPLATE} and {output_dir}/{BRAIN_MASK} ({int(sitk.GetArrayViewFromImage(mask).sum())} "
+        "voxels of 8 mm3)"
+    )
 
 
 def centres(config_file: str = "configs/inference.yaml", template: str = f"atlas/{TEMPLATE}") -> dict:

@@ -16,12 +16,10 @@ import shutil
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-
 from scripts import BUNDLE_DIR
 from scripts.labels import HEAD_LABELS, SIDES, mask_name
 from scripts.qc.check import asymmetry
-from tools.head_check import (TEMPLATE, configured_segmenter, label_sides, resampled, rigid, segment_timed,
-                              side_dice)
+from tools.head_check import TEMPLATE, configured_segmenter, label_sides, resampled, rigid, segment_timed, side_dice
 
 BAD_DICE = 0.8  # a side below it against the clean head's mask is a failure QC should catch
 CASE_COLUMNS = ("case", "head", "variant", "group", "description")
@@ -44,8 +42,10 @@ VARIANTS = {
     "registration_shifted": ("damaged", "registration pushed 10 mm right and 8 mm up"),
     "registration_turned": ("damaged", "registration turned 15 degrees about each axis"),
 }
-REGISTRATION_OFFSETS = {"registration_shifted": ([0.0, 0.0, 0.0], [10.0, 0.0, 8.0]),
-                        "registration_turned": ([15.0, 15.0, 15.0], [0.0, 0.0, 0.0])}
+REGISTRATION_OFFSETS = {
+    "registration_shifted": ([0.0, 0.0, 0.0], [10.0, 0.0, 8.0]),
+    "registration_turned": ([15.0, 15.0, 15.0], [0.0, 0.0, 0.0]),
+}
 
 
 def _axis_nearest(affine: np.ndarray, world_axis: int) -> int:
@@ -57,8 +57,9 @@ def _brain_percentile(data: np.ndarray, q: float) -> float:
     return float(np.percentile(data[data > np.percentile(data, 50)], q))
 
 
-def damaged(name: str, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
+def damaged(
+    name: str, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """The copy `name` of a head (`data`, `affine`), `mask` its clean head mask (labels 1-4) on the same grid."""
     high = _brain_percentile(data, 99)
     if name == "clean":
@@ -71,7 +72,9 @@ def damaged(name: str, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, r
         return data[::-1, ::-1].copy(), affine @ flip
     if name in ("resampled", "slices6mm"):
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        spacing = np.full(3, 1.3) if name == "resampled" else np.where(np.arange(3) == _axis_nearest(affine, 2), 6.0, spacing)
+        spacing = (
+            np.full(3, 1.3) if name == "resampled" else np.where(np.arange(3) == _axis_nearest(affine, 2), 6.0, spacing)
+        )
         image = resampled(nib.Nifti1Image(data, affine), spacing)
         return image.get_fdata(dtype=np.float32), image.affine
     if name == "ghosting":
@@ -85,10 +88,15 @@ def damaged(name: str, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, r
         return np.abs(np.fft.ifftn(spectrum)).astype(np.float32), affine
     if name == "noise":
         sigma = 0.2 * high
-        return np.hypot(data + rng.normal(0, sigma, data.shape), rng.normal(0, sigma, data.shape)).astype(np.float32), affine
+        return (
+            np.hypot(data + rng.normal(0, sigma, data.shape), rng.normal(0, sigma, data.shape)).astype(np.float32),
+            affine,
+        )
     if name == "bias":
         grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing="ij")
-        return (data * np.exp(np.log(8) / 2 * (0.6 * grids[0] - 0.5 * grids[1] + 0.6 * grids[2]))).astype(np.float32), affine
+        return (data * np.exp(np.log(8) / 2 * (0.6 * grids[0] - 0.5 * grids[1] + 0.6 * grids[2]))).astype(
+            np.float32
+        ), affine
     if name == "grazing":
         axis = _axis_nearest(affine, 0)
         centre = int(round(np.argwhere(np.isin(mask, HEAD_LABELS["right"])).mean(0)[axis]))
@@ -107,13 +115,16 @@ def damaged(name: str, data: np.ndarray, affine: np.ndarray, mask: np.ndarray, r
     if name == "atrophy":
         hippocampus = mask > 0
         lost = hippocampus & ~ndimage.binary_erosion(hippocampus)
-        widened = ndimage.binary_dilation(hippocampus, iterations=2) & ~hippocampus & (data < _brain_percentile(data, 40))
+        widened = (
+            ndimage.binary_dilation(hippocampus, iterations=2) & ~hippocampus & (data < _brain_percentile(data, 40))
+        )
         csf = _brain_percentile(data, 2)
         return np.where(lost | ndimage.binary_dilation(widened), csf, data).astype(np.float32), affine
     if name == "one_side":
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        region = ndimage.binary_dilation(np.isin(mask, HEAD_LABELS["left"]),
-                                         iterations=max(1, int(round(8 / spacing.min()))))
+        region = ndimage.binary_dilation(
+            np.isin(mask, HEAD_LABELS["left"]), iterations=max(1, int(round(8 / spacing.min())))
+        )
         noise = ndimage.gaussian_filter(rng.random(data.shape).astype(np.float32), 2) * high
         return np.where(region, noise, data).astype(np.float32), affine
     raise ValueError(f"unknown copy {name!r}")
@@ -135,8 +146,11 @@ class ShiftedRegistration:
 
 
 def _head_files(images: str) -> dict[str, str]:
-    files = {name.split(".")[0]: os.path.join(images, name) for name in sorted(os.listdir(images))
-             if name.endswith((".nii", ".nii.gz", ".mgz"))}
+    files = {
+        name.split(".")[0]: os.path.join(images, name)
+        for name in sorted(os.listdir(images))
+        if name.endswith((".nii", ".nii.gz", ".mgz"))
+    }
     return {**files, "mni152_template": TEMPLATE}
 
 
@@ -163,10 +177,19 @@ def make(images: str, output_dir: str, config_file: str = "configs/inference.yam
                 shutil.copy(clean, os.path.join(copies, f"{head}__{variant}.nii.gz"))
             elif variant != "clean":
                 copy, copy_affine = damaged(variant, data, affine, mask, rng)
-                nib.save(nib.Nifti1Image(np.ascontiguousarray(copy, dtype=np.float32), copy_affine),
-                         os.path.join(copies, f"{head}__{variant}.nii.gz"))
-            rows.append({"case": f"{head}__{variant}", "head": head, "variant": variant, "group": group,
-                         "description": description})
+                nib.save(
+                    nib.Nifti1Image(np.ascontiguousarray(copy, dtype=np.float32), copy_affine),
+                    os.path.join(copies, f"{head}__{variant}.nii.gz"),
+                )
+            rows.append(
+                {
+                    "case": f"{head}__{variant}",
+                    "head": head,
+                    "variant": variant,
+                    "group": group,
+                    "description": description,
+                }
+            )
     with open(os.path.join(output_dir, "cases.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CASE_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -179,8 +202,9 @@ def _clean_on_grid(output_dir: str, head: str, variant: str, mask_file: str) -> 
     """Dice of each side of a copy's mask against its clean head's mask, on the copy's grid: voxel by voxel for
     copies whose header moved (their voxels are the clean head's), in world space for the others."""
     ours, affine = label_sides(mask_file, *HEAD_LABELS.values())
-    clean, clean_affine = label_sides(os.path.join(output_dir, "clean_masks", mask_name(f"{head}__clean")),
-                                      *HEAD_LABELS.values())
+    clean, clean_affine = label_sides(
+        os.path.join(output_dir, "clean_masks", mask_name(f"{head}__clean")), *HEAD_LABELS.values()
+    )
     if variant == "moved":
         clean_affine = affine
     return side_dice(ours, affine, clean, clean_affine)
@@ -215,18 +239,44 @@ def score(output_dir: str, config_file: str = "configs/inference.yaml") -> list[
             dice = _clean_on_grid(output_dir, case["head"], case["variant"], mask_file)
             volumes = quality.row(case["case"], mask_file, result, result["confidence"])
             left, right = (volumes.volume(side) for side in SIDES)
-            row.update({"dice_left": dice["left"], "dice_right": dice["right"], "left_mm3": left, "right_mm3": right,
-                        "confidence": result["confidence"],
-                        **{f"{signal}_{side}": result[f"side_{signal}"][side] for signal in ("confidence", "agreement")
-                           for side in SIDES},
-                        "mutual_information": result["mutual_information"], "correlation": result["correlation"],
-                        "asymmetry": abs(asymmetry(left, right)), "qc": volumes.qc,
-                        "qc_reasons": volumes.qc_reasons})
+            row.update(
+                {
+                    "dice_left": dice["left"],
+                    "dice_right": dice["right"],
+                    "left_mm3": left,
+                    "right_mm3": right,
+                    "confidence": result["confidence"],
+                    **{
+                        f"{signal}_{side}": result[f"side_{signal}"][side]
+                        for signal in ("confidence", "agreement")
+                        for side in SIDES
+                    },
+                    "mutual_information": result["mutual_information"],
+                    "correlation": result["correlation"],
+                    "asymmetry": abs(asymmetry(left, right)),
+                    "qc": volumes.qc,
+                    "qc_reasons": volumes.qc_reasons,
+                }
+            )
         rows.append(row)
-    columns = [*CASE_COLUMNS, "failed", "dice_left", "dice_right", "confidence", "confidence_left", "confidence_right",
-               "agreement_left", "agreement_right", "left_mm3", "right_mm3", "mutual_information", "correlation",
-               "asymmetry", "qc",
-               "qc_reasons"]
+    columns = [
+        *CASE_COLUMNS,
+        "failed",
+        "dice_left",
+        "dice_right",
+        "confidence",
+        "confidence_left",
+        "confidence_right",
+        "agreement_left",
+        "agreement_right",
+        "left_mm3",
+        "right_mm3",
+        "mutual_information",
+        "correlation",
+        "asymmetry",
+        "qc",
+        "qc_reasons",
+    ]
     with open(os.path.join(output_dir, "scores.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
@@ -250,51 +300,68 @@ def thresholds(rows: list[dict], false_alarms: float = 0.025) -> dict[str, float
     def lowest(signal: str) -> np.ndarray:
         return np.array([min(row[f"{signal}_left"], row[f"{signal}_right"]) for row in harmless])
 
-    return {"min_confidence": math.floor(100 * np.quantile(lowest("confidence"), false_alarms)) / 100,
-            "min_agreement": math.floor(100 * np.quantile(lowest("agreement"), false_alarms)) / 100,
-            "fail_agreement": math.floor(10 * lowest("agreement").min()) / 10,
-            "max_asymmetry": math.ceil(100 * np.quantile([row["asymmetry"] for row in harmless], 1 - false_alarms)) / 100}
+    return {
+        "min_confidence": math.floor(100 * np.quantile(lowest("confidence"), false_alarms)) / 100,
+        "min_agreement": math.floor(100 * np.quantile(lowest("agreement"), false_alarms)) / 100,
+        "fail_agreement": math.floor(10 * lowest("agreement").min()) / 10,
+        "max_asymmetry": math.ceil(100 * np.quantile([row["asymmetry"] for row in harmless], 1 - false_alarms)) / 100,
+    }
 
 
 SIGNALS = {  # each signal's flag at the thresholds: (a scored row, the thresholds) -> flagged
     "failure (named, no mask)": lambda row, t: bool(row["failed"]),
-    "confidence": lambda row, t: not row["failed"] and min(row["confidence_left"], row["confidence_right"]) < t["min_confidence"],
-    "test-time agreement": lambda row, t: not row["failed"] and min(row["agreement_left"], row["agreement_right"]) < t["min_agreement"],
+    "confidence": lambda row, t: (
+        not row["failed"] and min(row["confidence_left"], row["confidence_right"]) < t["min_confidence"]
+    ),
+    "test-time agreement": lambda row, t: (
+        not row["failed"] and min(row["agreement_left"], row["agreement_right"]) < t["min_agreement"]
+    ),
     "left/right asymmetry": lambda row, t: not row["failed"] and row["asymmetry"] > t["max_asymmetry"],
-    "volume range or pieces": lambda row, t: not row["failed"] and any(word in row["qc_reasons"]
-                                                                       for word in ("outside", "pieces", "absent")),
+    "volume range or pieces": lambda row, t: not row["failed"]
+    and any(word in row["qc_reasons"] for word in ("outside", "pieces", "absent")),
 }
 
 
 def _print_scores(rows: list[dict]) -> None:
-    print("| case | group | Dice left / right vs clean | confidence left / right | agreement left / right | "
-          "mutual information | correlation | asymmetry | failure |")
+    print(
+        "| case | group | Dice left / right vs clean | confidence left / right | agreement left / right | "
+        "mutual information | correlation | asymmetry | failure |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row["failed"]:
             print(f"| {row['case']} | {row['group']} | failed | | | | | | {row['failed']} |")
             continue
-        print(f"| {row['case']} | {row['group']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "
-              f"{row['confidence_left']:.3f} / {row['confidence_right']:.3f} | "
-              f"{row['agreement_left']:.3f} / {row['agreement_right']:.3f} | {row['mutual_information']:.2f} | "
-              f"{row['correlation']:.2f} | {row['asymmetry']:.2f} | |")
+        print(
+            f"| {row['case']} | {row['group']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "
+            f"{row['confidence_left']:.3f} / {row['confidence_right']:.3f} | "
+            f"{row['agreement_left']:.3f} / {row['agreement_right']:.3f} | {row['mutual_information']:.2f} | "
+            f"{row['correlation']:.2f} | {row['asymmetry']:.2f} | |"
+        )
     bad = [row for row in rows if is_bad(row)]
     harmless = [row for row in rows if row["group"] == "good"]
     chosen = thresholds(rows)
-    print(f"\n{len(bad)} cases with a side under Dice {BAD_DICE} against the clean head's mask or no mask; "
-          f"{len(harmless)} harmless copies. Thresholds (qc#head): {chosen}\n")
+    print(
+        f"\n{len(bad)} cases with a side under Dice {BAD_DICE} against the clean head's mask or no mask; "
+        f"{len(harmless)} harmless copies. Thresholds (qc#head): {chosen}\n"
+    )
     print("| signal | flags of the bad cases (sensitivity) | flags of the harmless copies (false alarms) |")
     print("|---|---|---|")
     for name, flag in [*SIGNALS.items(), ("any of them", lambda row, t: any(f(row, t) for f in SIGNALS.values()))]:
         caught = sum(flag(row, chosen) for row in bad)
         alarms = sum(flag(row, chosen) for row in harmless)
-        print(f"| {name} | {caught} of {len(bad)} ({caught / max(len(bad), 1):.0%}) | "
-              f"{alarms} of {len(harmless)} ({alarms / max(len(harmless), 1):.0%}) |")
+        print(
+            f"| {name} | {caught} of {len(bad)} ({caught / max(len(bad), 1):.0%}) | "
+            f"{alarms} of {len(harmless)} ({alarms / max(len(harmless), 1):.0%}) |"
+        )
     scored = [row for row in rows if not row["failed"]]
     estimate = [min(row["agreement_left"], row["agreement_right"]) for row in scored]
     actual = [min(row["dice_left"], row["dice_right"]) for row in scored]
-    print(f"\nqc_score (the lower side's agreement) against the lower side's Dice: Pearson r "
-          f"{np.corrcoef(estimate, actual)[0, 1]:.2f}, mean absolute difference {np.mean(np.abs(np.subtract(estimate, actual))):.3f}")
+    difference = np.mean(np.abs(np.subtract(estimate, actual)))
+    print(
+        f"\nqc_score (the lower side's agreement) against the lower side's Dice: Pearson r "
+        f"{np.corrcoef(estimate, actual)[0, 1]:.2f}, mean absolute difference {difference:.3f}"
+    )
     _print_repeatability(rows)
 
 
@@ -308,8 +375,10 @@ def _print_repeatability(rows: list[dict]) -> None:
                 volumes.setdefault(row["head"], {}).setdefault(side, []).append(row[f"{side}_mm3"])
     variation = [np.std(v) / np.mean(v) for sides in volumes.values() for v in sides.values() if len(v) > 1]
     if variation:
-        print(f"repeatability over harmless copies: coefficient of variation of a side's volume {100 * np.mean(variation):.2f}% "
-              f"on average, at most {100 * np.max(variation):.2f}% ({len(variation)} sides)")
+        print(
+            f"repeatability over harmless copies: coefficient of variation of a side's volume {100 * np.mean(variation):.2f}% "
+            f"on average, at most {100 * np.max(variation):.2f}% ({len(variation)} sides)"
+        )
 
 
 def _score_cli(output_dir: str, config_file: str = "configs/inference.yaml") -> None:

@@ -6,11 +6,14 @@ each change is undone, and the time of each step. `compare` scores head masks ag
 
     python -m tools.head_check check --output_dir /tmp/head_check
     python -m tools.head_check compare --masks OUT --reference REF --reference_suffix /aseg.mgz
-    python -m tools.head_check compare --masks OUT --reference REF --reference_suffix _dlmuse.nii.gz --left_labels 48 --right_labels 47
-    python -m tools.head_check compare --masks OUT --reference HIPPODEEP --left_suffix _mask_L.nii.gz --right_suffix _mask_R.nii.gz --threshold 127
+    python -m tools.head_check compare --masks OUT --reference REF --reference_suffix _dlmuse.nii.gz \
+        --left_labels 48 --right_labels 47
+    python -m tools.head_check compare --masks OUT --reference HIPPODEEP --left_suffix _mask_L.nii.gz \
+        --right_suffix _mask_R.nii.gz --threshold 127
     python -m tools.head_check real_heads --data_dir ../../shared/data/real_heads --output_dir /tmp/real_heads \
         [--overrides "{'head#box_size': [40, 56, 40]}"]
-    python -m tools.head_check beside_hippodeep --hippodeep ../../shared/peers/hippodeep_pytorch/hippodeep.py --images IN --output_dir /tmp/timed
+    python -m tools.head_check beside_hippodeep --hippodeep ../../shared/peers/hippodeep_pytorch/hippodeep.py \
+        --images IN --output_dir /tmp/timed
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import numpy as np
 import torch
 from monai.data import FolderLayoutBase, MetaTensor
 from scipy import ndimage
-
 from scripts import BUNDLE_DIR
 from scripts.head.segmenter import HeadSegmenter
 from scripts.imaging import from_sitk, nonzero_box, resample, sample_near, sample_on_grid, to_sitk
@@ -58,7 +60,9 @@ def configured_segmenter(config_file: str, output_dir: str, overrides: dict | No
     """The head segmenter of an inference config with `overrides` (config ids), its weights loaded, writing to
     `output_dir` (no input folder to mirror): for the commands that segment heads outside a bundle run
     (`tools.atlas`, `tools.head_check`, `tools.failure_set`)."""
-    parser = load(BUNDLE_DIR, [config_file], {**(overrides or {}), "head#segmenter#folder_layout": FlatFolder(output_dir)})
+    parser = load(
+        BUNDLE_DIR, [config_file], {**(overrides or {}), "head#segmenter#folder_layout": FlatFolder(output_dir)}
+    )
     parser.get_parsed_content("handlers")  # its checkpoint loader puts the weights into the network
     return parser.get_parsed_content("head#segmenter")
 
@@ -82,8 +86,9 @@ def rigid(angles_deg, translation) -> np.ndarray:
 def resampled(image: nib.Nifti1Image, spacing) -> nib.Nifti1Image:
     """`image` on a grid of `spacing` mm (one per voxel axis) over the same field of view, anti-aliased
     (`scripts.imaging.resample`)."""
-    volume = MetaTensor(torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32))[None],
-                        affine=torch.as_tensor(image.affine))
+    volume = MetaTensor(
+        torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32))[None], affine=torch.as_tensor(image.affine)
+    )
     # SimpleITK lists the voxel axes last to first
     data, affine = from_sitk(resample(to_sitk(volume), np.broadcast_to(spacing, (3,))[::-1].tolist()))
     return nib.Nifti1Image(data, affine)
@@ -99,8 +104,11 @@ def make_heads(folder: str, seed: int = 0) -> dict[str, str]:
     heads = {"template": (data, template.affine, "the template itself")}
     for i in range(2):
         angles, shift = rng.uniform(-15, 15, 3), rng.uniform(-20, 20, 3)
-        heads[f"moved{i}"] = (data, rigid(angles, shift) @ template.affine,
-                              f"rotated {np.round(angles, 1).tolist()} deg, moved {np.round(shift, 1).tolist()} mm")
+        heads[f"moved{i}"] = (
+            data,
+            rigid(angles, shift) @ template.affine,
+            f"rotated {np.round(angles, 1).tolist()} deg, moved {np.round(shift, 1).tolist()} mm",
+        )
     lps = np.diag([-1.0, -1.0, 1.0, 1.0])
     lps[:2, 3] = np.array(data.shape[:2]) - 1
     heads["lps"] = (data[::-1, ::-1], template.affine @ lps, "stored in LPS voxel order")
@@ -126,21 +134,29 @@ def make_harder_heads(folder: str, seed: int = 0, names: Sequence[str] | None = 
     rng = np.random.default_rng(seed)
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing="ij")
     bias = np.exp(0.35 * (0.8 * grids[0] + 0.5 * grids[1] - 0.7 * grids[2] + 0.4 * grids[0] * grids[2]))
-    below = data[:, :, NECK_MM // 2:0:-1]
+    below = data[:, :, NECK_MM // 2 : 0 : -1]
     mask = nib.load(os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_brain_mask_2mm.nii.gz"))
-    brain = sample_on_grid((np.asarray(mask.dataobj) > 0).astype(np.float32), mask.affine, template.affine,
-                           data.shape) > 0.5
+    brain = (
+        sample_on_grid((np.asarray(mask.dataobj) > 0).astype(np.float32), mask.affine, template.affine, data.shape)
+        > 0.5
+    )
     brain = ndimage.binary_fill_holes(ndimage.binary_dilation(brain, iterations=2))
     neck_affine = template.affine.copy()
     neck_affine[2, 3] -= NECK_MM
     heads = {
         "bias": (data * bias, template.affine, "bias field, up to x2 across the head"),
-        "contrast": ((data / 255) ** 1.5 * 1000 + np.abs(rng.normal(0, 25, data.shape)), template.affine,
-                     "gamma 1.5 and noise"),
+        "contrast": (
+            (data / 255) ** 1.5 * 1000 + np.abs(rng.normal(0, 25, data.shape)),
+            template.affine,
+            "gamma 1.5 and noise",
+        ),
         "neck": (np.concatenate([below * 0.9, below * 0.8, data], 2), neck_affine, f"{NECK_MM} mm of 'neck' below"),
         "cut_top": (data[:, :, :TOP_KEPT_MM], template.affine, f"only the lowest {TOP_KEPT_MM} mm"),
-        "cut_face_top": (data[:, :-FACE_CUT_MM, :TOP_KEPT_MM], template.affine,
-                         f"field of view cut {FACE_CUT_MM} mm into the face and above {TOP_KEPT_MM} mm"),
+        "cut_face_top": (
+            data[:, :-FACE_CUT_MM, :TOP_KEPT_MM],
+            template.affine,
+            f"field of view cut {FACE_CUT_MM} mm into the face and above {TOP_KEPT_MM} mm",
+        ),
         "tilted_far": (data, rigid([25, -10, 5], [40, -60, 80]) @ template.affine, "rotated 25 deg, 110 mm away"),
         "pitched35": (data, rigid([35, 0, 0], [0, 0, 0]) @ template.affine, "nodded 35 deg"),
         "turned40": (data, rigid([0, 0, 40], [0, 0, 0]) @ template.affine, "turned 40 deg"),
@@ -183,8 +199,16 @@ def in_template_grid(mask_file: str, name: str) -> np.ndarray:
     resampled copies)."""
     mask = nib.load(mask_file)
     labels = np.asarray(mask.dataobj)
-    if name in ("template", "bias", "contrast", "tilted_far", "pitched35", "turned40", "skull_stripped", "freesurfer") or \
-            name.startswith(("moved", "scaled")):
+    if name in (
+        "template",
+        "bias",
+        "contrast",
+        "tilted_far",
+        "pitched35",
+        "turned40",
+        "skull_stripped",
+        "freesurfer",
+    ) or name.startswith(("moved", "scaled")):
         return labels  # the template's voxels: only the header moved them
     if name == "lps":
         return labels[::-1, ::-1]
@@ -216,8 +240,10 @@ def check(output_dir: str, config_file: str = "configs/inference.yaml", seed: in
         for side, side_labels in HEAD_LABELS.items():
             row[f"dice_{side}"] = dice(np.isin(labels, side_labels), np.isin(reference, side_labels))
         steps = " / ".join(f"{row[k]:.2f}" for k in TIME_STEPS)
-        print(f"| {row['name']} | {row['change']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "
-              f"{row['etiv_mm3'] / 1000:.0f} | {steps} | {row['total_s']:.2f} |")
+        print(
+            f"| {row['name']} | {row['change']} | {row['dice_left']:.3f} / {row['dice_right']:.3f} | "
+            f"{row['etiv_mm3'] / 1000:.0f} | {steps} | {row['total_s']:.2f} |"
+        )
     return rows
 
 
@@ -225,8 +251,10 @@ def label_sides(label_file: str, left_labels, right_labels) -> tuple[dict[str, n
     """Each side's hippocampus in a label image (where its values are `left_labels` / `right_labels`), and its affine."""
     image = nib.load(label_file)
     labels = np.asarray(image.dataobj)
-    return {side: np.isin(labels, np.atleast_1d(ids).astype(int)) for side, ids in
-            (("left", left_labels), ("right", right_labels))}, image.affine
+    return {
+        side: np.isin(labels, np.atleast_1d(ids).astype(int))
+        for side, ids in (("left", left_labels), ("right", right_labels))
+    }, image.affine
 
 
 def mask_sides(left_file: str, right_file: str, threshold: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -237,15 +265,22 @@ def mask_sides(left_file: str, right_file: str, threshold: float = 0.0) -> tuple
 
 def side_dice(sides: dict, affine: np.ndarray, reference: dict, reference_affine: np.ndarray) -> dict[str, float]:
     """Dice of each side on the grid of `sides`, the reference resampled onto it (nearest neighbour, world space)."""
-    return {side: dice(inside, _nearest_on_grid(reference[side], reference_affine, affine, inside.shape))
-            for side, inside in sides.items()}
+    return {
+        side: dice(inside, _nearest_on_grid(reference[side], reference_affine, affine, inside.shape))
+        for side, inside in sides.items()
+    }
 
 
 BORDER_COLUMNS = ("dice", "amygdala_fp_share", "anterior_mm", "posterior_mm", "tail_missed")
 
 
-def border_scores(inside: np.ndarray, affine: np.ndarray, reference: np.ndarray, reference_affine: np.ndarray,
-                  amygdala: np.ndarray | None = None) -> dict[str, float]:
+def border_scores(
+    inside: np.ndarray,
+    affine: np.ndarray,
+    reference: np.ndarray,
+    reference_affine: np.ndarray,
+    amygdala: np.ndarray | None = None,
+) -> dict[str, float]:
     """Where one side's mask departs from the reference hippocampus, on the mask's grid (the reference resampled onto
     it, nearest neighbour, world space): `dice`; `amygdala_fp_share`, the share of its false-positive voxels inside the
     reference's amygdala (nan without one); along the reference's long axis (its first principal axis in world mm,
@@ -268,7 +303,9 @@ def border_scores(inside: np.ndarray, affine: np.ndarray, reference: np.ndarray,
     axis = axis if axis[1] >= 0 else -axis  # RAS: +y is anterior
     along_truth = (truth_points - centre) @ axis
     along_mask = (nib.affines.apply_affine(affine, np.argwhere(inside)) - centre) @ axis
-    (posterior, anterior), (mask_posterior, mask_anterior) = (np.percentile(a, [2, 98]) for a in (along_truth, along_mask))
+    (posterior, anterior), (mask_posterior, mask_anterior) = (
+        np.percentile(a, [2, 98]) for a in (along_truth, along_mask)
+    )
     scores["anterior_mm"] = float(mask_anterior - anterior)
     scores["posterior_mm"] = float(posterior - mask_posterior)
     tail = truth_voxels[along_truth <= posterior + (anterior - posterior) / 5]
@@ -276,16 +313,28 @@ def border_scores(inside: np.ndarray, affine: np.ndarray, reference: np.ndarray,
     return scores
 
 
-def side_border_scores(sides: dict, affine: np.ndarray, reference: dict, reference_affine: np.ndarray,
-                       amygdala: dict | None = None) -> dict[str, dict[str, float]]:
+def side_border_scores(
+    sides: dict, affine: np.ndarray, reference: dict, reference_affine: np.ndarray, amygdala: dict | None = None
+) -> dict[str, dict[str, float]]:
     """`border_scores` of each side."""
-    return {side: border_scores(inside, affine, reference[side], reference_affine, amygdala and amygdala[side])
-            for side, inside in sides.items()}
+    return {
+        side: border_scores(inside, affine, reference[side], reference_affine, amygdala and amygdala[side])
+        for side, inside in sides.items()
+    }
 
 
-def compare(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,), right_labels=(53,),
-            left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0,
-            left_amygdala=(18,), right_amygdala=(54,)) -> list[dict]:
+def compare(
+    masks: str,
+    reference: str,
+    reference_suffix: str = ".nii.gz",
+    left_labels=(17,),
+    right_labels=(53,),
+    left_suffix: str | None = None,
+    right_suffix: str | None = None,
+    threshold: float = 0.0,
+    left_amygdala=(18,),
+    right_amygdala=(54,),
+) -> list[dict]:
     """Per side, `border_scores` (Dice, the share of false positives in the amygdala, the overshoot of each end, the
     missed tail) and volumes of each head mask `masks/<case>_seg.nii.gz` against a reference on the mask's grid: a
     label image `reference/<case><reference_suffix>` whose `left_labels` and `right_labels` mark the hippocampi and
@@ -317,29 +366,40 @@ def compare(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_
             row = {"case": case}
             for side in ours:
                 row.update({f"{key}_{side}": value for key, value in scores[side].items()})
-                row.update({f"{side}_mm3": float(ours[side].sum() * voxel),
-                            f"{side}_reference_mm3": float(truth[side].sum() * truth_voxel)})
+                row.update(
+                    {
+                        f"{side}_mm3": float(ours[side].sum() * voxel),
+                        f"{side}_reference_mm3": float(truth[side].sum() * truth_voxel),
+                    }
+                )
             rows.append(row)
-    print("| case | Dice left / right | volume left / right mm3 | reference left / right mm3 | "
-          "false positives in the amygdala L / R | anterior end beyond the reference's mm L / R | "
-          "posterior end beyond mm L / R | tail fifth missed L / R |")
+    print(
+        "| case | Dice left / right | volume left / right mm3 | reference left / right mm3 | "
+        "false positives in the amygdala L / R | anterior end beyond the reference's mm L / R | "
+        "posterior end beyond mm L / R | tail fifth missed L / R |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {_pair(row, 'dice', '.3f')} | {row['left_mm3']:.0f} / {row['right_mm3']:.0f} | "
-              f"{row['left_reference_mm3']:.0f} / {row['right_reference_mm3']:.0f} | "
-              f"{_pair(row, 'amygdala_fp_share', '.2f')} | {_pair(row, 'anterior_mm', '+.1f')} | "
-              f"{_pair(row, 'posterior_mm', '+.1f')} | {_pair(row, 'tail_missed', '.2f')} |")
+        print(
+            f"| {row['case']} | {_pair(row, 'dice', '.3f')} | {row['left_mm3']:.0f} / {row['right_mm3']:.0f} | "
+            f"{row['left_reference_mm3']:.0f} / {row['right_reference_mm3']:.0f} | "
+            f"{_pair(row, 'amygdala_fp_share', '.2f')} | {_pair(row, 'anterior_mm', '+.1f')} | "
+            f"{_pair(row, 'posterior_mm', '+.1f')} | {_pair(row, 'tail_missed', '.2f')} |"
+        )
     if rows:
-        print(f"mean Dice left / right: {np.mean([r['dice_left'] for r in rows]):.3f} / "
-              f"{np.mean([r['dice_right'] for r in rows]):.3f} over {len(rows)} heads")
+        print(
+            f"mean Dice left / right: {np.mean([r['dice_left'] for r in rows]):.3f} / "
+            f"{np.mean([r['dice_right'] for r in rows]):.3f} over {len(rows)} heads"
+        )
         print("mean per side: " + ", ".join(f"{key} {_side_mean(rows, key):.3f}" for key in BORDER_COLUMNS))
     return rows
 
 
 def _pair(row: dict, key: str, spec: str) -> str:
     """`row`'s left and right values of `key`, formatted."""
-    return " / ".join("n/a" if np.isnan(row[f"{key}_{side}"]) else format(row[f"{key}_{side}"], spec)
-                      for side in ("left", "right"))
+    return " / ".join(
+        "n/a" if np.isnan(row[f"{key}_{side}"]) else format(row[f"{key}_{side}"], spec) for side in ("left", "right")
+    )
 
 
 def _side_mean(rows: list[dict], key: str) -> float:
@@ -361,8 +421,8 @@ def _nearest_on_grid(inside: np.ndarray, affine: np.ndarray, target_affine: np.n
     return result
 
 
+# a reference's (left, right) hippocampus and (left, right) amygdala labels, by its file's suffix
 REFERENCE_LABELS = {"_dlmuse.nii.gz": ((48, 47), (32, 31)), "_aseg.nii.gz": ((17, 53), (18, 54))}
-"""A reference's (left, right) hippocampus and (left, right) amygdala labels, by its file's suffix."""
 
 
 def _reference_labels(labels_dir: str, case: str) -> tuple[str, tuple[int, int], tuple[int, int]] | None:
@@ -376,8 +436,9 @@ def _reference_labels(labels_dir: str, case: str) -> tuple[str, tuple[int, int],
     return None
 
 
-def real_heads(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml",
-               overrides: dict | None = None) -> list[dict]:
+def real_heads(
+    data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml", overrides: dict | None = None
+) -> list[dict]:
     """Segments the real heads of `data_dir/images` (the layout of `../shared/data/real_heads`, see its README) and
     prints, per head: Dice per side against the reference labels (`labels/`) and against hippodeep's masks
     (`hippodeep/<case>_mask_L/R.nii.gz`, > 127), hippodeep's own Dice against the reference labels, eTIV beside
@@ -419,26 +480,44 @@ def _print_real_heads(rows: list[dict], startup_s: float) -> None:
     def pair(scores: dict | None) -> str:
         return f"{scores['left']:.3f} / {scores['right']:.3f}" if scores else ""
 
-    _print_header("head", "Dice L / R vs reference", "vs hippodeep", "hippodeep vs reference", "eTIV / hippodeep's cm3",
-                  STEPS_HEADER, "total s")
+    _print_header(
+        "head",
+        "Dice L / R vs reference",
+        "vs hippodeep",
+        "hippodeep vs reference",
+        "eTIV / hippodeep's cm3",
+        STEPS_HEADER,
+        "total s",
+    )
     for row in rows:
         if "failed" in row:
             print(f"| {row['case']} | failed: {row['failed']} | | | | | {row['total_s']:.1f} |")
             continue
         etiv, theirs = row["etiv_mm3"] / 1000, row["hippodeep_etiv_mm3"] / 1000
-        print(f"| {row['case']} | {pair(row.get('vs_reference'))} | {pair(row['vs_hippodeep'])} | "
-              f"{pair(row.get('hippodeep_vs_reference'))} | {etiv:.0f} / {theirs:.0f} ({100 * (etiv / theirs - 1):+.1f}%) | "
-              f"{' / '.join(f'{row[k]:.1f}' for k in TIME_STEPS)} | {row['total_s']:.1f} |")
+        print(
+            f"| {row['case']} | {pair(row.get('vs_reference'))} | {pair(row['vs_hippodeep'])} | "
+            f"{pair(row.get('hippodeep_vs_reference'))} | {etiv:.0f} / {theirs:.0f} ({100 * (etiv / theirs - 1):+.1f}%) | "
+            f"{' / '.join(f'{row[k]:.1f}' for k in TIME_STEPS)} | {row['total_s']:.1f} |"
+        )
     done = [row for row in rows if "failed" not in row]
-    print(f"{len(done)} of {len(rows)} heads segmented; start-up {startup_s:.1f} s; median {np.median([r['total_s'] for r in done]):.1f} s "
-          f"per head" if done else f"0 of {len(rows)} heads segmented")
-    for key, label in (("vs_reference", "ours vs reference"), ("hippodeep_vs_reference", "hippodeep vs reference"),
-                       ("vs_hippodeep", "ours vs hippodeep")):
+    median_s = np.median([r["total_s"] for r in done]) if done else 0.0
+    print(
+        f"{len(done)} of {len(rows)} heads segmented; start-up {startup_s:.1f} s; median {median_s:.1f} s per head"
+        if done
+        else f"0 of {len(rows)} heads segmented"
+    )
+    for key, label in (
+        ("vs_reference", "ours vs reference"),
+        ("hippodeep_vs_reference", "hippodeep vs reference"),
+        ("vs_hippodeep", "ours vs hippodeep"),
+    ):
         scored = [row[key] for row in done if key in row]
         if scored:
-            print(f"mean Dice left / right, {label}: {np.mean([s['left'] for s in scored]):.3f} / "
-                  f"{np.mean([s['right'] for s in scored]):.3f} (min {min(min(s.values()) for s in scored):.3f}, "
-                  f"{len(scored)} heads)")
+            print(
+                f"mean Dice left / right, {label}: {np.mean([s['left'] for s in scored]):.3f} / "
+                f"{np.mean([s['right'] for s in scored]):.3f} (min {min(min(s.values()) for s in scored):.3f}, "
+                f"{len(scored)} heads)"
+            )
 
 
 def _print_borders(rows: list[dict]) -> None:
@@ -446,26 +525,40 @@ def _print_borders(rows: list[dict]) -> None:
     labelled = [row for row in rows if "borders" in row]
     if not labelled:
         return
-    titles = ("Dice", "false positives in the amygdala", "anterior end beyond the reference's mm",
-              "posterior end beyond mm", "tail fifth missed")
+    titles = (
+        "Dice",
+        "false positives in the amygdala",
+        "anterior end beyond the reference's mm",
+        "posterior end beyond mm",
+        "tail fifth missed",
+    )
     specs = (".3f", ".2f", "+.1f", "+.1f", ".2f")
     print("\nPer side against the reference labels, this bundle / hippodeep:\n")
     print("| head | side | " + " | ".join(titles) + " |")
     print("|---|---|" + "---|" * len(titles))
 
     def cells(ours: dict, theirs: dict) -> str:
-        return " | ".join(f"{format(ours[key], spec)} / {format(theirs[key], spec)}"
-                          for key, spec in zip(BORDER_COLUMNS, specs))
+        return " | ".join(
+            f"{format(ours[key], spec)} / {format(theirs[key], spec)}" for key, spec in zip(BORDER_COLUMNS, specs)
+        )
 
     for row in labelled:
         for side in ("left", "right"):
             print(f"| {row['case']} | {side} | {cells(row['borders'][side], row['hippodeep_borders'][side])} |")
-    means = [{key: float(np.nanmean([row[tool][side][key] for row in labelled for side in ("left", "right")]))
-              for key in BORDER_COLUMNS} for tool in ("borders", "hippodeep_borders")]
+    means = [
+        {
+            key: float(np.nanmean([row[tool][side][key] for row in labelled for side in ("left", "right")]))
+            for key in BORDER_COLUMNS
+        }
+        for tool in ("borders", "hippodeep_borders")
+    ]
     print(f"| **mean** ({2 * len(labelled)} sides) | | {cells(*means)} |")
     worst = min(row["borders"][side]["dice"] for row in labelled for side in ("left", "right"))
-    print("mean per side, this bundle: " + ", ".join(f"{key} {means[0][key]:.3f}" for key in BORDER_COLUMNS) +
-          f", min dice {worst:.3f}")
+    print(
+        "mean per side, this bundle: "
+        + ", ".join(f"{key} {means[0][key]:.3f}" for key in BORDER_COLUMNS)
+        + f", min dice {worst:.3f}"
+    )
 
 
 def beside_hippodeep(hippodeep: str, images: str, output_dir: str) -> dict[str, float]:
@@ -485,14 +578,17 @@ def beside_hippodeep(hippodeep: str, images: str, output_dir: str) -> dict[str, 
         shutil.copy(os.path.join(images, name), copies)
     times = {}
     start = time.perf_counter()
-    subprocess.run([sys.executable, os.path.abspath(hippodeep), *heads], cwd=copies, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, os.path.abspath(hippodeep), *heads], cwd=copies, check=True, stdout=subprocess.DEVNULL
+    )
     times["hippodeep_s"] = time.perf_counter() - start
     start = time.perf_counter()
     segment_folder(images, os.path.join(output_dir, "bundle"))
     times["bundle_s"] = time.perf_counter() - start
-    print(f"{len(heads)} heads: hippodeep {times['hippodeep_s']:.1f} s, this bundle {times['bundle_s']:.1f} s "
-          f"({times['bundle_s'] / times['hippodeep_s']:.2f} times hippodeep's)")
+    print(
+        f"{len(heads)} heads: hippodeep {times['hippodeep_s']:.1f} s, this bundle {times['bundle_s']:.1f} s "
+        f"({times['bundle_s'] / times['hippodeep_s']:.2f} times hippodeep's)"
+    )
     return times
 
 
@@ -500,15 +596,35 @@ def _check_cli(output_dir: str, config_file: str = "configs/inference.yaml", see
     check(output_dir, config_file, seed)  # prints the table once (fire would echo the rows again)
 
 
-def _compare_cli(masks: str, reference: str, reference_suffix: str = ".nii.gz", left_labels=(17,), right_labels=(53,),
-                 left_suffix: str | None = None, right_suffix: str | None = None, threshold: float = 0.0,
-                 left_amygdala=(18,), right_amygdala=(54,)) -> None:
-    compare(masks, reference, reference_suffix, left_labels, right_labels, left_suffix, right_suffix, threshold,
-            left_amygdala, right_amygdala)
+def _compare_cli(
+    masks: str,
+    reference: str,
+    reference_suffix: str = ".nii.gz",
+    left_labels=(17,),
+    right_labels=(53,),
+    left_suffix: str | None = None,
+    right_suffix: str | None = None,
+    threshold: float = 0.0,
+    left_amygdala=(18,),
+    right_amygdala=(54,),
+) -> None:
+    compare(
+        masks,
+        reference,
+        reference_suffix,
+        left_labels,
+        right_labels,
+        left_suffix,
+        right_suffix,
+        threshold,
+        left_amygdala,
+        right_amygdala,
+    )
 
 
-def _real_heads_cli(data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml",
-                    overrides: dict | None = None) -> None:
+def _real_heads_cli(
+    data_dir: str, output_dir: str, config_file: str = "configs/inference.yaml", overrides: dict | None = None
+) -> None:
     real_heads(data_dir, output_dir, config_file, overrides)
 
 
@@ -519,5 +635,11 @@ def _beside_hippodeep_cli(hippodeep: str, images: str, output_dir: str) -> None:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"check": _check_cli, "compare": _compare_cli, "real_heads": _real_heads_cli,
-               "beside_hippodeep": _beside_hippodeep_cli})
+    fire.Fire(
+        {
+            "check": _check_cli,
+            "compare": _compare_cli,
+            "real_heads": _real_heads_cli,
+            "beside_hippodeep": _beside_hippodeep_cli,
+        }
+    )

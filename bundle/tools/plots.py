@@ -1,7 +1,7 @@
 """Training-curve and overlay figures for the docs, from a run's TensorBoard logs and the bundle's own masks.
 
-    python -m tools.plots curve --log_dir output --output_png docs/training_curve.png
-    python -m tools.plots overlay --image IMG --label LABEL --mask MASK --output_png overlay.png
+python -m tools.plots curve --log_dir output --output_png docs/training_curve.png
+python -m tools.plots overlay --image IMG --label LABEL --mask MASK --output_png overlay.png
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def curve(log_dir: str, output_png: str, iterations_per_epoch: int | None = None
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(sorted(losses), [np.mean(losses[e]) for e in sorted(losses)])
     ax_loss.set(xlabel="epoch", ylabel="training loss (mean per epoch)", yscale="log")
-    for tag, label in [("val_dice_anterior", "anterior"), ("val_dice_posterior", "posterior"),
-                       ("val_mean_dice", "mean (key metric)")]:
+    for tag, label in [
+        ("val_dice_anterior", "anterior"),
+        ("val_dice_posterior", "posterior"),
+        ("val_mean_dice", "mean (key metric)"),
+    ]:
         if tag in scalars:
             ax_dice.plot(*zip(*scalars[tag]), label=label)
     ax_dice.set(xlabel="epoch", ylabel="validation Dice (original grid)", ylim=(0.5, 1.0))

@@ -18,7 +18,8 @@ from scripts.recipe import load
 
 def time_report(cases: int = 1000, output_dir: str = "eval/report_time") -> dict:
     """What the report adds to a run of `cases` synthetic crops (their labels stand in for masks): drawing their QC
-    pictures (`scripts.qc.pictures.draw_qc_png`) and writing `report.html`; prints and returns seconds and the page's size."""
+    pictures (`scripts.qc.pictures.draw_qc_png`) and writing `report.html`; prints and returns seconds and the page's size.
+    """
     task = make_synthetic_dataset(os.path.join(output_dir, "task"), num_cases=cases)
     quality = load(BUNDLE_DIR, ["configs/inference.yaml"], {}).get_parsed_content("qc")
     images = sorted(os.listdir(os.path.join(task, "imagesTr")))
@@ -30,8 +31,12 @@ def time_report(cases: int = 1000, output_dir: str = "eval/report_time") -> dict
     pictures_s = time.perf_counter() - start
     start = time.perf_counter()
     write_report(os.path.join(output_dir, "report.html"), rows, [], pictures, f"{cases} synthetic crops")
-    result = {"cases": cases, "pictures_s": round(pictures_s, 1), "page_s": round(time.perf_counter() - start, 1),
-              "page_mb": round(os.path.getsize(os.path.join(output_dir, "report.html")) / 2**20, 1)}
+    result = {
+        "cases": cases,
+        "pictures_s": round(pictures_s, 1),
+        "page_s": round(time.perf_counter() - start, 1),
+        "page_mb": round(os.path.getsize(os.path.join(output_dir, "report.html")) / 2**20, 1),
+    }
     print(result)
     return result
 

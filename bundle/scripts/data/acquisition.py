@@ -7,7 +7,6 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth, MapTransform, RandomizableTransform
-
 from scripts.imaging import antialiasing_sigmas
 
 

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
-
 from scripts import BundleError, as_bool
 from scripts.data.msd import load_training_list
 
@@ -169,9 +168,9 @@ def _read_labels(dataset_dir: str) -> set[int]:
         raise BadDatasetError(f"{path}: 'training' must be a non-empty list of cases")
     for i, case in enumerate(training):
         if not (isinstance(case, dict) and all(isinstance(case.get(k), str) for k in ("image", "label"))):
-            raise BadDatasetError(f"{path}: training[{i}] must be {{\"image\": path, \"label\": path}}, got {case!r}")
+            raise BadDatasetError(f'{path}: training[{i}] must be {{"image": path, "label": path}}, got {case!r}')
     if not isinstance(labels, dict) or not labels:
-        raise BadDatasetError(f"{path}: 'labels' must be a non-empty object like {{\"0\": \"background\", ...}}")
+        raise BadDatasetError(f'{path}: \'labels\' must be a non-empty object like {{"0": "background", ...}}')
     try:
         return {int(k) for k in labels}
     except ValueError:

@@ -8,7 +8,6 @@ import random
 
 from monai.data import load_decathlon_datalist
 from monai.utils import look_up_option
-
 from scripts import atomic_write
 
 

@@ -7,7 +7,6 @@ import os
 
 import nibabel as nib
 import numpy as np
-
 from scripts.labels import CLASS_NAMES
 
 # per-axis size ranges of the real Task04_Hippocampus volumes (inclusive)
@@ -91,7 +90,9 @@ def _make_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.nda
     contrast = rng.uniform(0.55, 0.85)
     front_back = np.where(y < split, 1.0, rng.uniform(0.93, 1.07))
     soft = 1.0 / (1.0 + np.exp((d - 1.0) / 0.12))
-    image = image * (1.0 - soft) + base * contrast * front_back * (1.0 + 0.1 * _smooth_field(rng, grids, shape, 2)) * soft
+    image = (
+        image * (1.0 - soft) + base * contrast * front_back * (1.0 + 0.1 * _smooth_field(rng, grids, shape, 2)) * soft
+    )
 
     # --- noise
     image += rng.normal(0.0, rng.uniform(0.03, 0.1) * base, size=shape)

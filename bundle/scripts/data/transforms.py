@@ -8,7 +8,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.transforms import MapTransform
-
 from scripts.labels import FREESURFER_SUFFIXES
 
 
@@ -25,8 +24,9 @@ class RejectInvalidImaged(MapTransform):
     Place it after EnsureChannelFirstd: a 4D file with one volume passes as one channel, with more it fails.
     """
 
-    def __init__(self, keys: KeysCollection, max_field_of_view_mm: float | None = None,
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, max_field_of_view_mm: float | None = None, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.max_field_of_view_mm = max_field_of_view_mm
 

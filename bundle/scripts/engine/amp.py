@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
-
 from scripts import as_bool
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

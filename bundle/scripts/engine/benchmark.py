@@ -30,7 +30,6 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.utils import look_up_option
-
 from scripts import BUNDLE_DIR, as_bool
 from scripts.engine.amp import cpu_description
 from scripts.engine.handlers import ThroughputLogger
@@ -73,7 +72,6 @@ def _pipeline(mode: str, parser, batch_size: int, warmup_steps: int, total_steps
         engine = parser.get_parsed_content("train#trainer")
     else:
         from monai.data import Dataset
-
         from scripts.data.msd import load_training_list
 
         images = [{"image": case["image"]} for case in load_training_list(parser.get_parsed_content("dataset_dir"))]
@@ -96,7 +94,10 @@ def _pipeline(mode: str, parser, batch_size: int, warmup_steps: int, total_steps
             parser[f"validate#evaluator#{key}"] = None
         parser["validate#evaluator#epoch_length"] = total_steps
         engine = parser.get_parsed_content("validate#evaluator")
-        return {**_run_timed(engine, batch_size, warmup_steps, engine.run), "preprocess_ms_per_image": preprocess_ms_per_image}
+        return {
+            **_run_timed(engine, batch_size, warmup_steps, engine.run),
+            "preprocess_ms_per_image": preprocess_ms_per_image,
+        }
     return _run_timed(engine, batch_size, warmup_steps, engine.run)
 
 
@@ -169,34 +170,54 @@ def _epoch_seconds(config_files, overrides: dict[str, Any]) -> dict[str, float]:
 def _print_table(result: dict[str, Any]) -> None:
     rows = [
         ("pipeline", result["pipeline_img_per_s"], result["pipeline_ms_per_step"], result["pipeline_ms_per_step_p50"]),
-        ("model only", result["model_only_img_per_s"], result["model_only_ms_per_step"],
-         result["model_only_ms_per_step_p50"]),
+        (
+            "model only",
+            result["model_only_img_per_s"],
+            result["model_only_ms_per_step"],
+            result["model_only_ms_per_step_p50"],
+        ),
     ]
-    print(f"\n{result['mode']} | batch {result['batch_size']} | amp {result['amp']} | {result['device']} | "
-          f"torch threads {result['torch_num_threads']} | num_workers {result['num_workers']} | "
-          f"{result['steps']} steps after {result['warmup_steps']} warm-up")
+    print(
+        f"\n{result['mode']} | batch {result['batch_size']} | amp {result['amp']} | {result['device']} | "
+        f"torch threads {result['torch_num_threads']} | num_workers {result['num_workers']} | "
+        f"{result['steps']} steps after {result['warmup_steps']} warm-up"
+    )
     print(f"{'':<12}{'img/s':>10}{'ms/step':>10}{'median':>10}")
     for name, img_s, ms, median in rows:
         print(f"{name:<12}{img_s:>10.2f}{ms:>10.1f}{median:>10.1f}")
-    print(f"efficiency (pipeline / model only): {result['efficiency']:.3f} "
-          f"(of medians: {result['efficiency_p50']:.3f})")
-    print(f"pipeline steps waiting for their batch: {result['pipeline_data_ms_per_step']:.1f} ms of "
-          f"{result['pipeline_ms_per_step']:.1f} ({100 * result['pipeline_data_fraction']:.1f}%)")
-    print(f"model only, img/s: channels-last weights {result['model_only_channels_last_img_per_s']:.2f}, "
-          f"plain layout {result['model_only_contiguous_img_per_s']:.2f} (the pipeline's: "
-          f"{'channels-last' if result['channels_last'] else 'plain'})")
+    print(
+        f"efficiency (pipeline / model only): {result['efficiency']:.3f} "
+        f"(of medians: {result['efficiency_p50']:.3f})"
+    )
+    print(
+        f"pipeline steps waiting for their batch: {result['pipeline_data_ms_per_step']:.1f} ms of "
+        f"{result['pipeline_ms_per_step']:.1f} ({100 * result['pipeline_data_fraction']:.1f}%)"
+    )
+    print(
+        f"model only, img/s: channels-last weights {result['model_only_channels_last_img_per_s']:.2f}, "
+        f"plain layout {result['model_only_contiguous_img_per_s']:.2f} (the pipeline's: "
+        f"{'channels-last' if result['channels_last'] else 'plain'})"
+    )
     if "epoch_s" in result:
-        print(f"one epoch on {result['dataset']}: {result['epoch_s']:.1f} s, with validation "
-              f"{result['epoch_with_validation_s']:.1f} s")
+        print(
+            f"one epoch on {result['dataset']}: {result['epoch_s']:.1f} s, with validation "
+            f"{result['epoch_with_validation_s']:.1f} s"
+        )
     if result["mode"] == "predict":
-        print("pipeline latency per batch (ms): p50 {latency_ms_p50:.1f}  p90 {latency_ms_p90:.1f}  "
-              "p99 {latency_ms_p99:.1f}".format(**result))
+        print(
+            "pipeline latency per batch (ms): p50 {latency_ms_p50:.1f}  p90 {latency_ms_p90:.1f}  "
+            "p99 {latency_ms_p99:.1f}".format(**result)
+        )
 
 
 def _overrides(work_dir: str, batch_size: int, amp: bool, num_workers: int | None) -> dict[str, Any]:
     """The run's settings, with every output in `work_dir`: nothing is written into the bundle."""
-    overrides: dict[str, Any] = {"batch_size": batch_size, "amp": amp, "output_dir": os.path.join(work_dir, "output"),
-                                 "ckpt_dir": os.path.join(work_dir, "models")}
+    overrides: dict[str, Any] = {
+        "batch_size": batch_size,
+        "amp": amp,
+        "output_dir": os.path.join(work_dir, "output"),
+        "ckpt_dir": os.path.join(work_dir, "models"),
+    }
     if num_workers is not None:
         overrides["num_workers"] = int(num_workers)
     return overrides
@@ -211,8 +232,9 @@ def _dataset(parser, dataset_dir: str | None, work_dir: str, batch_size: int, to
     return parser["dataset_dir"]
 
 
-def _result(mode: str, parser, pipeline: dict[str, float], model_only_by_layout: dict[bool, dict[str, float]],
-            **settings: Any) -> dict[str, Any]:
+def _result(
+    mode: str, parser, pipeline: dict[str, float], model_only_by_layout: dict[bool, dict[str, float]], **settings: Any
+) -> dict[str, Any]:
     """One record of the run: img/s of both loops, their efficiency, the device, precision and software."""
     import monai
 
@@ -302,14 +324,33 @@ def benchmark(
         pipeline = _pipeline(mode, parser, batch_size, warmup_steps, total_steps)
         # the model alone in both memory layouts of the weights (the config's `channels_last`); the pipeline's own
         # layout gives the efficiency
-        model_only = {layout: _model_only(mode, _parser(config_file, {**overrides, "channels_last": layout}),
-                                          batch_size, warmup_steps, total_steps) for layout in (True, False)}
+        model_only = {
+            layout: _model_only(
+                mode,
+                _parser(config_file, {**overrides, "channels_last": layout}),
+                batch_size,
+                warmup_steps,
+                total_steps,
+            )
+            for layout in (True, False)
+        }
         epochs = {}
         if mode == "train" and dataset_dir is not None:
             overrides["dataset_dir"] = parser["dataset_dir"]
             epochs = _epoch_seconds(config_file, overrides)
-    result = _result(mode, parser, pipeline, model_only, batch_size=batch_size, amp=amp, warmup_steps=warmup_steps,
-                     steps=steps, dataset=dataset, config_file=config_file, **epochs)
+    result = _result(
+        mode,
+        parser,
+        pipeline,
+        model_only,
+        batch_size=batch_size,
+        amp=amp,
+        warmup_steps=warmup_steps,
+        steps=steps,
+        dataset=dataset,
+        config_file=config_file,
+        **epochs,
+    )
     _print_table(result)
     if output_json:
         os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
-
 from scripts import BundleError, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -91,9 +90,7 @@ class CaseMetricsReport:
             values = {
                 "dice": compute_dice(pred, label, include_background=False)[0],
                 "hd95": compute_hausdorff_distance(pred, label, percentile=95, spacing=spacing)[0],
-                "nsd": compute_surface_dice(
-                    pred, label, [self.nsd_tolerance_mm] * len(foreground), spacing=spacing
-                )[0],
+                "nsd": compute_surface_dice(pred, label, [self.nsd_tolerance_mm] * len(foreground), spacing=spacing)[0],
                 "tf_soft_dice": soft_dice(item["resized_pred"], item["resized_label"], len(self.class_names))[1:],
             }
             row = {"case": os.path.basename(str(item["label"].meta["filename_or_obj"]))}
@@ -178,7 +175,9 @@ class CheckedCheckpointLoader(CheckpointLoader):
         try:
             checkpoint = torch.load(load_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BundleError(f"{load_path}: not a readable PyTorch checkpoint ({e.__class__.__name__}: {e}).") from None
+            raise BundleError(
+                f"{load_path}: not a readable PyTorch checkpoint ({e.__class__.__name__}: {e})."
+            ) from None
         if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:
             checkpoint = {next(iter(load_dict)): checkpoint}  # a plain state_dict, as CheckpointLoader reads it
         for name, obj in load_dict.items():
@@ -190,8 +189,9 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 getattr(obj, "module", obj).load_state_dict(checkpoint[name])
             except RuntimeError as e:
                 problem = " ".join(str(e).split())
-                raise BundleError(f"{load_path} does not fit the configured network (another recipe's weights?): "
-                                  f"{problem[:400]}") from None
+                raise BundleError(
+                    f"{load_path} does not fit the configured network (another recipe's weights?): {problem[:400]}"
+                ) from None
 
 
 class LazySummaryWriter:

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
 import torch
 import torch.nn.functional as F
-
 from scripts.imaging import RAS_TO_LPS, nonzero_box, resample
 
 
@@ -30,8 +29,9 @@ class BrainExtraction:
             (deepbet's own: 256).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", amp: bool = False, threshold: float = 0.5,
-                 grid_size: int = 256) -> None:
+    def __init__(
+        self, device: torch.device | str = "cpu", amp: bool = False, threshold: float = 0.5, grid_size: int = 256
+    ) -> None:
         self.device = torch.device(device)
         self.amp = bool(amp)
         self.threshold = threshold
@@ -64,13 +64,15 @@ class BrainExtraction:
     @torch.no_grad()
     def _brain(self, image: torch.Tensor) -> np.ndarray:
         """deepbet's `run_model` and `postprocess` (a box from its small network at 128^3, the brain from its large
-        one at `grid_size`^3 in the box), with the intensity percentiles from `kthvalue`: `torch.quantile` took 0.5 s."""
+        one at `grid_size`^3 in the box), with the intensity percentiles from `kthvalue`: `torch.quantile` took 0.5 s.
+        """
         from deepbet.utils import keep_largest_connected_component, normalize
 
         networks = self._load()
         image = torch.nan_to_num(image).to(self.device)
-        autocast = torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16,
-                                  enabled=self.amp)
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16, enabled=self.amp
+        )
         small = F.interpolate(image[None, None], (128,) * 3, mode="nearest-exact")[0, 0]
         values = small.flatten()
         low, high = (values.kthvalue(int(round(q * (values.numel() - 1))) + 1).values for q in (0.005, 0.995))
@@ -143,9 +145,16 @@ class TemplateRegistration:
         etiv_range_mm3: a brain mask outside it is no head's intracranial volume (a failed extraction).
     """
 
-    def __init__(self, template_file: str, brain_mask_file: str, spacing: float = 2.0,
-                 min_mutual_information: float = 0.25, min_correlation: float = 0.2,
-                 scale_range: Sequence[float] = (0.7, 1.4), etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0)) -> None:
+    def __init__(
+        self,
+        template_file: str,
+        brain_mask_file: str,
+        spacing: float = 2.0,
+        min_mutual_information: float = 0.25,
+        min_correlation: float = 0.2,
+        scale_range: Sequence[float] = (0.7, 1.4),
+        etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0),
+    ) -> None:
         self.template_file = template_file
         self.brain_mask_file = brain_mask_file
         self.spacing = spacing
@@ -158,8 +167,14 @@ class TemplateRegistration:
     def _load_template(self) -> None:
         """Reads the template on first use, so that runs without heads never touch it."""
         template = sitk.ReadImage(self.template_file, sitk.sitkFloat32)
-        mask = sitk.Resample(sitk.ReadImage(self.brain_mask_file, sitk.sitkUInt8), template, sitk.Transform(),
-                             sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        mask = sitk.Resample(
+            sitk.ReadImage(self.brain_mask_file, sitk.sitkUInt8),
+            template,
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            0,
+            sitk.sitkUInt8,
+        )
         self.template, self.template_mask = _normalised_brain(template, mask, self.spacing)
         self.metric_mask = sitk.BinaryDilate(self.template_mask, [2] * 3)  # the brain's edge counts too
         self.brain = sitk.GetArrayFromImage(self.template_mask) > 0
@@ -188,8 +203,9 @@ class TemplateRegistration:
     def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
         method = self._method()
         method.SetMetricSamplingPercentagePerLevel([0.2 if level > 1 else 0.1 for level in shrink], 1)
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=50,
-                                                        relaxationFactor=0.5)
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=2.0, minStep=1e-3, numberOfIterations=50, relaxationFactor=0.5
+        )
         method.SetOptimizerScalesFromPhysicalShift()
         method.SetShrinkFactorsPerLevel(shrink)
         method.SetSmoothingSigmasPerLevel(sigmas)
@@ -205,12 +221,17 @@ class TemplateRegistration:
         etiv_mm3 = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
         low, high = self.etiv_range_mm3
         if not low <= etiv_mm3 <= high:
-            raise HeadError(f"brain extraction found {etiv_mm3 / 1000:.0f} cm3 of brain, outside "
-                            f"{low / 1000:.0f}-{high / 1000:.0f} cm3 of a human head (is this a T1-weighted head?)")
+            raise HeadError(
+                f"brain extraction found {etiv_mm3 / 1000:.0f} cm3 of brain, outside "
+                f"{low / 1000:.0f}-{high / 1000:.0f} cm3 of a human head (is this a T1-weighted head?)"
+            )
         moving, moving_mask = _normalised_brain(head, mask, self.spacing)
-        rigid = sitk.CenteredTransformInitializer(sitk.Cast(self.template_mask, sitk.sitkFloat32),
-                                                  sitk.Cast(moving_mask, sitk.sitkFloat32), sitk.Euler3DTransform(),
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+        rigid = sitk.CenteredTransformInitializer(
+            sitk.Cast(self.template_mask, sitk.sitkFloat32),
+            sitk.Cast(moving_mask, sitk.sitkFloat32),
+            sitk.Euler3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        )
         self._initial_rotation(rigid, moving)
         similarity = sitk.Similarity3DTransform()
         similarity.SetCenter(rigid.GetCenter())
@@ -228,8 +249,13 @@ class TemplateRegistration:
         registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, self.template, affine, sitk.sitkLinear, 0.0))
         template = sitk.GetArrayViewFromImage(self.template)
         correlation = float(np.corrcoef(registered[self.brain], template[self.brain])[0, 1])
-        registration = Registration(RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS, RAS_TO_LPS @ offset_lps,
-                                    -float(method.GetMetricValue()), correlation, etiv_mm3)
+        registration = Registration(
+            RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS,
+            RAS_TO_LPS @ offset_lps,
+            -float(method.GetMetricValue()),
+            correlation,
+            etiv_mm3,
+        )
         self.check(registration)
         return registration
 

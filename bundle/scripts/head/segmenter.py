@@ -9,13 +9,12 @@ from collections.abc import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
 import torch
 from monai.data import FolderLayoutBase, MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, SaveImage
 from scipy import ndimage
-
 from scripts.data.transforms import RejectInvalidImaged, image_reader
 from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.imaging import RAS_TO_LPS, sample_near, to_sitk
@@ -92,12 +91,23 @@ class HeadSegmenter:
             test-time augmentation.
     """
 
-    def __init__(self, network: torch.nn.Module, inferer: Inferer, preprocessing: Compose,
-                 brain_extraction: BrainExtraction, registration: TemplateRegistration, box_centers: Mapping[str, Sequence[float]],
-                 box_size: Sequence[float], folder_layout: FolderLayoutBase,
-                 device: torch.device | str = "cpu", amp: bool = False,
-                 min_side_volume_mm3: float = 1000.0, max_fragment_fraction: float = 0.1,
-                 min_box_coverage: float = 0.9, agreement_shift_mm: Sequence[int] = (2, 2, 2)) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: Inferer,
+        preprocessing: Compose,
+        brain_extraction: BrainExtraction,
+        registration: TemplateRegistration,
+        box_centers: Mapping[str, Sequence[float]],
+        box_size: Sequence[float],
+        folder_layout: FolderLayoutBase,
+        device: torch.device | str = "cpu",
+        amp: bool = False,
+        min_side_volume_mm3: float = 1000.0,
+        max_fragment_fraction: float = 0.1,
+        min_box_coverage: float = 0.9,
+        agreement_shift_mm: Sequence[int] = (2, 2, 2),
+    ) -> None:
         self.network = network
         self.inferer = inferer
         self.box_preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadImaged)])
@@ -113,8 +123,9 @@ class HeadSegmenter:
         self.agreement_shift_mm = np.asarray(agreement_shift_mm, dtype=int)
         self.load = LoadImaged("image")
         self.checked = Compose([EnsureChannelFirstd("image"), RejectInvalidImaged("image")])
-        self.save = SaveImage(folder_layout=folder_layout, output_ext=".nii.gz", output_dtype=np.uint8, resample=False,
-                              print_log=False)
+        self.save = SaveImage(
+            folder_layout=folder_layout, output_ext=".nii.gz", output_dtype=np.uint8, resample=False, print_log=False
+        )
 
     def __call__(self, path: str) -> dict:
         """Segments one head; returns its eTIV, registration details and time split. Raises for a bad case."""
@@ -153,12 +164,16 @@ class HeadSegmenter:
         start = time.perf_counter()
         self.save(MetaTensor(torch.from_numpy(labels)[None], meta=image.meta))
         times["writing_s"] = time.perf_counter() - start
-        return {"etiv_mm3": registration.etiv_mm3, "mutual_information": registration.mutual_information,
-                "confidence": float(np.concatenate(list(confident.values())).mean()),
-                "side_confidence": {side: float(values.mean()) for side, values in confident.items()},
-                "side_agreement": agreement,
-                "correlation": registration.correlation,
-                "scales": registration.scales.tolist(), **times}
+        return {
+            "etiv_mm3": registration.etiv_mm3,
+            "mutual_information": registration.mutual_information,
+            "confidence": float(np.concatenate(list(confident.values())).mean()),
+            "side_confidence": {side: float(values.mean()) for side, values in confident.items()},
+            "side_agreement": agreement,
+            "correlation": registration.correlation,
+            "scales": registration.scales.tolist(),
+            **times,
+        }
 
     def _box_in_scan(self, registration: Registration, side: str) -> tuple[np.ndarray, list[int]]:
         """The box's voxel-to-scan affine (RAS mm) and shape: 1 mm voxels along the head's own right, anterior and
@@ -177,13 +192,15 @@ class HeadSegmenter:
         """Softmax probabilities (3, *shape) on the box grid."""
         origin = (RAS_TO_LPS @ box_affine[:3, 3]).tolist()
         direction = (RAS_TO_LPS @ box_affine[:3, :3]).flatten().tolist()
-        box = sitk.Resample(head, shape, sitk.Transform(), sitk.sitkLinear, origin, [1.0] * 3, direction, 0.0,
-                            sitk.sitkFloat32)
+        box = sitk.Resample(
+            head, shape, sitk.Transform(), sitk.sitkLinear, origin, [1.0] * 3, direction, 0.0, sitk.sitkFloat32
+        )
 
         # to the model the box is a 1 mm RAS image: its rotation in the scan is applied when pasting back
         array = torch.from_numpy(sitk.GetArrayFromImage(box).transpose(2, 1, 0).copy())
-        data = self.box_preprocessing({"image": MetaTensor(array[None], affine=torch.eye(4),
-                                                           meta={"original_channel_dim": 0})})
+        data = self.box_preprocessing(
+            {"image": MetaTensor(array[None], affine=torch.eye(4), meta={"original_channel_dim": 0})}
+        )
         # fp16 on CUDA with `amp`, as the crop path's evaluator does (the inferer itself autocasts on CPU)
         with torch.no_grad(), torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
             logits = self.inferer(data["image"][None].to(self.device), self.network)
@@ -215,21 +232,31 @@ class HeadSegmenter:
         largest = int(sizes.argmax()) + 1
         stray = 1 - sizes.max() / volume
         if stray > self.max_fragment_fraction:
-            raise HeadError(f"the {side} hippocampus segmentation is fragmented: {count} pieces, "
-                            f"{100 * stray:.0f}% outside the largest")
+            raise HeadError(
+                f"the {side} hippocampus segmentation is fragmented: {count} pieces, "
+                f"{100 * stray:.0f}% outside the largest"
+            )
         outside = hippocampus & (pieces != largest)
         probabilities[1:, outside] = 0.0
         probabilities[0, outside] = 1.0
         return probabilities
 
     @staticmethod
-    def _paste(probabilities: np.ndarray, box_affine: np.ndarray, affine: np.ndarray, labels: np.ndarray,
-               foreground: np.ndarray, side_labels: tuple[int, int]) -> None:
+    def _paste(
+        probabilities: np.ndarray,
+        box_affine: np.ndarray,
+        affine: np.ndarray,
+        labels: np.ndarray,
+        foreground: np.ndarray,
+        side_labels: tuple[int, int],
+    ) -> None:
         """Interpolates box probabilities at the scan's voxels inside the box and writes the side's labels where
         its hippocampus is more likely than background and than the other side's."""
         whole_box = tuple(slice(0, n) for n in probabilities.shape[1:])
-        channels = [sample_near(channel, box_affine, affine, labels.shape, whole_box, cval=1.0 if c == 0 else 0.0)
-                    for c, channel in enumerate(probabilities)]
+        channels = [
+            sample_near(channel, box_affine, affine, labels.shape, whole_box, cval=1.0 if c == 0 else 0.0)
+            for c, channel in enumerate(probabilities)
+        ]
         if channels[0] is None:
             return
         region = channels[0][0]

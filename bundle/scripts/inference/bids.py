@@ -61,9 +61,12 @@ def find_t1w(root: str, participant_label=None, session_label=None) -> list[str]
             for name in sorted(files):
                 if T1W.match(name):
                     found.append(os.path.join(folder, name))
-    chosen = [path for path in found
-              if (participants is None or entities(path)["sub"] in participants)
-              and (sessions is None or entities(path).get("ses") in sessions)]
+    chosen = [
+        path
+        for path in found
+        if (participants is None or entities(path)["sub"] in participants)
+        and (sessions is None or entities(path).get("ses") in sessions)
+    ]
     for wanted, key, flag in ((participants, "sub", "participant"), (sessions, "ses", "session")):
         missing = sorted((wanted or set()) - {entities(path).get(key) for path in chosen})
         if missing:
@@ -79,21 +82,29 @@ def derivative_name(path: str) -> str:
 
 def write_dataset_files(output_dir: str, source_dir: str, metadata: dict) -> None:
     """The derivative dataset's `dataset_description.json`, README, `.bidsignore` and the look-up table of heads'
-    labels, `desc-hippocampus_dseg.tsv` (a crop's mask has its own beside it); `metadata`: the bundle's metadata.json."""
+    labels, `desc-hippocampus_dseg.tsv` (a crop's mask has its own beside it); `metadata`: the bundle's metadata.json.
+    """
     description = {
         "Name": f"{metadata['name']}: masks and volumes",
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
         "Authors": [metadata["authors"]],
-        "GeneratedBy": [{"Name": metadata["name"], "Version": metadata["version"],
-                         "Description": "MONAI bundle, configs/inference.yaml"}],
+        "GeneratedBy": [
+            {
+                "Name": metadata["name"],
+                "Version": metadata["version"],
+                "Description": "MONAI bundle, configs/inference.yaml",
+            }
+        ],
         "SourceDatasets": [{"URL": f"file://{os.path.abspath(source_dir)}"}],
         "DatasetLinks": {"raw": f"file://{os.path.abspath(source_dir)}"},
     }
     _write_json(os.path.join(output_dir, DESCRIPTION), description)
     with atomic_write(os.path.join(output_dir, "README"), "w") as f:
-        f.write(f"Hippocampus masks (anterior and posterior, per side for whole heads) written by {metadata['name']} "
-                f"{metadata['version']}; volumes in volumes.tsv, quality review in report.html.\n")
+        f.write(
+            f"Hippocampus masks (anterior and posterior, per side for whole heads) written by {metadata['name']} "
+            f"{metadata['version']}; volumes in volumes.tsv, quality review in report.html.\n"
+        )
     with atomic_write(os.path.join(output_dir, ".bidsignore"), "w") as f:
         f.write("\n".join(BIDS_IGNORE) + "\n")
     write_look_up(os.path.join(output_dir, f"desc-{DESC}_dseg.tsv"), "head")
@@ -122,15 +133,20 @@ def write_sidecar(mask_file: str, source: str, source_dir: str, version: str, ro
         **_qc_fields(row),
     }
     if head is not None:
-        sidecar["Registration"] = {"MutualInformation": round(head["mutual_information"], 4),
-                                   "Correlation": round(head["correlation"], 4)}
+        sidecar["Registration"] = {
+            "MutualInformation": round(head["mutual_information"], 4),
+            "Correlation": round(head["correlation"], 4),
+        }
         sidecar["eTIV_mm3"] = round(head["etiv_mm3"])
     _write_json(mask_file[: -len(".nii.gz")] + ".json", sidecar)
 
 
 def _qc_fields(row: CaseRow) -> dict:
-    return {"QC": row.qc, "QCScore": round(row.qc_score, 3) if row.qc_score is not None else None,
-            "QCReasons": list(row.reasons)}
+    return {
+        "QC": row.qc,
+        "QCScore": round(row.qc_score, 3) if row.qc_score is not None else None,
+        "QCReasons": list(row.reasons),
+    }
 
 
 def update_qc(mask_file: str, row: CaseRow) -> None:

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 from monai.data import DataLoader, Dataset, list_data_collate
 from monai.utils import look_up_option
-
 from scripts.head.segmenter import input_kind
 from scripts.inference.inputs import Inputs, check_output_dir
 
@@ -59,8 +58,9 @@ class CaseStream:
         self.failures: list[tuple[str, str]] = []
 
     def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_as_list)
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=_as_list
+        )
         for items in loader:
             good = []
             for item in items:
@@ -103,9 +103,11 @@ class HeadCases:
                 continue
             self.results[image] = result
             split = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in result.items() if k.endswith("_s"))
-            logger.info(f"{image}: head segmented in {time.perf_counter() - start:.1f} s ({split}), "
-                        f"eTIV {result['etiv_mm3'] / 1000:.0f} cm3, mutual information {result['mutual_information']:.2f}, "
-                        f"correlation {result['correlation']:.2f}")
+            logger.info(
+                f"{image}: head segmented in {time.perf_counter() - start:.1f} s ({split}), "
+                f"eTIV {result['etiv_mm3'] / 1000:.0f} cm3, mutual information {result['mutual_information']:.2f}, "
+                f"correlation {result['correlation']:.2f}"
+            )
 
 
 class ConfidenceRecorder:

@@ -9,13 +9,21 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
 from pydicom.sr.codedict import codes
-
 from scripts.labels import structures
 
-TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+TYPE_2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def write_dicom_seg(series_dir: str, mask_file: str, seg_file: str, kind: str, metadata_file: str) -> None:
@@ -30,19 +38,23 @@ def write_dicom_seg(series_dir: str, mask_file: str, seg_file: str, kind: str, m
                 setattr(source, keyword, "")
     labels = np.asarray(nib.load(mask_file).dataobj, dtype=np.uint8)
     if labels.shape != (sources[0].Columns, sources[0].Rows, len(sources)):
-        raise ValueError(f"the mask's shape {labels.shape} does not match the series "
-                         f"({sources[0].Columns} columns, {sources[0].Rows} rows, {len(sources)} slices)")
+        raise ValueError(
+            f"the mask's shape {labels.shape} does not match the series "
+            f"({sources[0].Columns} columns, {sources[0].Rows} rows, {len(sources)} slices)"
+        )
     with open(metadata_file, encoding="utf-8") as f:
         metadata = json.load(f)
-    algorithm = hd.AlgorithmIdentificationSequence(name=metadata["name"], version=metadata["version"],
-                                                   family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=metadata["name"], version=metadata["version"], family=codes.cid7162.ArtificialIntelligence
+    )
     segments = [
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=f"{side.capitalize()} {part} hippocampus" if side else f"{part.capitalize()} hippocampus",
             segmented_property_category=codes.cid7150.AnatomicalStructure,
             segmented_property_type=codes.SCT.Hippocampus,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
         )
         for number, side, part in structures(kind)
     ]

@@ -9,7 +9,6 @@ import tempfile
 
 from monai.data import FolderLayoutBase
 from monai.utils import look_up_option
-
 from scripts import BundleError
 from scripts.inference import bids
 from scripts.labels import IMAGE_SUFFIXES, case_name, mask_name
@@ -58,22 +57,33 @@ class Inputs(FolderLayoutBase):
         participant_label, session_label: the BIDS participants and sessions to segment (all by default).
     """
 
-    def __init__(self, dataset_dir: str, output_dir: str, recursive: bool = False, output_layout: str = "auto",
-                 participant_label=None, session_label=None) -> None:
+    def __init__(
+        self,
+        dataset_dir: str,
+        output_dir: str,
+        recursive: bool = False,
+        output_layout: str = "auto",
+        participant_label=None,
+        session_label=None,
+    ) -> None:
         if not os.path.exists(dataset_dir):
             raise BundleError(f"Input {dataset_dir} does not exist.")
         layout = look_up_option(str(output_layout), ("auto", "mirror", "bids"))
         bids_root = bids.dataset_root(dataset_dir)
         self.bids = layout == "bids" or (layout == "auto" and bids_root is not None)
         if (participant_label or session_label) and not self.bids:
-            raise BundleError(f"--participant_label and --session_label select in a BIDS dataset; {dataset_dir} is "
-                              f"not in one (no {bids.DESCRIPTION}).")
+            raise BundleError(
+                f"--participant_label and --session_label select in a BIDS dataset; {dataset_dir} is "
+                f"not in one (no {bids.DESCRIPTION})."
+            )
         single = os.path.isfile(dataset_dir) or (os.path.isdir(dataset_dir) and _is_dicom_series(dataset_dir))
         if self.bids:
             self.dataset_dir = self.root = bids_root or (os.path.dirname(dataset_dir) if single else dataset_dir)
         else:
             self.dataset_dir = os.path.dirname(os.path.abspath(dataset_dir)) if single else dataset_dir
-            msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(os.path.join(dataset_dir, "imagesTs"))
+            msd = os.path.isfile(os.path.join(dataset_dir, "dataset.json")) and os.path.isdir(
+                os.path.join(dataset_dir, "imagesTs")
+            )
             self.root = os.path.join(dataset_dir, "imagesTs") if msd else self.dataset_dir
         self.output_dir = output_dir
         if single:
@@ -81,13 +91,25 @@ class Inputs(FolderLayoutBase):
                 self._bids_name(dataset_dir)
             self.paths = [dataset_dir]
         elif self.bids:
-            self.paths = [path for path in bids.find_t1w(self.root, participant_label, session_label)
-                          if os.path.commonpath([os.path.abspath(path), os.path.abspath(dataset_dir)]) == os.path.abspath(dataset_dir)]
+            inside = os.path.abspath(dataset_dir)
+            self.paths = [
+                path
+                for path in bids.find_t1w(self.root, participant_label, session_label)
+                if os.path.commonpath([os.path.abspath(path), inside]) == inside
+            ]
         else:
             self.paths = self._find(recursive)
         if not self.paths:
-            kinds = "sub-*/[ses-*/]anat/*_T1w.nii[.gz] images" if self.bids else "NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series"
-            hint = f" (read as BIDS, from {self.root}; --output_layout mirror reads it as a plain folder)" if self.bids else ""
+            kinds = (
+                "sub-*/[ses-*/]anat/*_T1w.nii[.gz] images"
+                if self.bids
+                else "NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series"
+            )
+            hint = (
+                f" (read as BIDS, from {self.root}; --output_layout mirror reads it as a plain folder)"
+                if self.bids
+                else ""
+            )
             raise BundleError(f"No {kinds} to segment in {dataset_dir}{hint}.")
 
     def _find(self, recursive: bool) -> list[str]:
@@ -95,8 +117,9 @@ class Inputs(FolderLayoutBase):
         output = os.path.realpath(self.output_dir)
         for folder, subfolders, files in os.walk(self.root):
             # hidden folders and the output folder (which may lie inside the input folder) hold no inputs
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
-                                   and os.path.realpath(os.path.join(folder, d)) != output)
+            subfolders[:] = sorted(
+                d for d in subfolders if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) != output
+            )
             for name in list(subfolders):
                 path = os.path.join(folder, name)
                 if _is_dicom_series(path):

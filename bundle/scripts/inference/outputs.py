@@ -10,7 +10,6 @@ import os
 from collections.abc import Sequence
 
 import torch.distributed as dist
-
 from scripts import BundleError
 from scripts.engine import distributed
 from scripts.inference import bids
@@ -150,18 +149,23 @@ class RunFiles:
             # every case of the table; those segmented by an earlier run may have no picture yet
             earlier = [(image, inputs.mask_path(image), inputs.qc_png_path(image)) for image in inputs.paths]
             draw_pictures([case for case in earlier if os.path.isfile(case[1]) and not os.path.isfile(case[2])])
-            write_report(os.path.join(inputs.output_dir, "report.html"), table,
-                         [(inputs.case(image), reason) for image, reason in failed],
-                         {inputs.case(image): png for image, _, png in earlier},
-                         f"{self.metadata['name']} {self.metadata['version']}: {inputs.dataset_dir}")
+            write_report(
+                os.path.join(inputs.output_dir, "report.html"),
+                table,
+                [(inputs.case(image), reason) for image, reason in failed],
+                {inputs.case(image): png for image, _, png in earlier},
+                f"{self.metadata['name']} {self.metadata['version']}: {inputs.dataset_dir}",
+            )
         if inputs.bids:  # a cohort outlier is known once the run's table is
             masks = {inputs.case(image): inputs.mask_path(image) for image in inputs.paths}
             for row in table:
                 if row.cohort_outlier:
                     bids.update_qc(masks[row.case], row)
         flagged = sum(row.qc != "pass" for row in rows)
-        logger.info(f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
-                    f"in {os.path.basename(table_file)}, output in {inputs.output_dir}.")
+        logger.info(
+            f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
+            f"in {os.path.basename(table_file)}, output in {inputs.output_dir}."
+        )
 
 
 def write_outputs(segmented: Sequence, rows: CaseRows, case_outputs: Sequence, run_files: RunFiles) -> None:

@@ -40,15 +40,21 @@ def _svg(figure) -> str:
     figure.savefig(buffer, format="svg", bbox_inches="tight")
     plt.close(figure)
     text = buffer.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def _scatter(ax, points: Sequence[tuple[float, float, bool]], label: str, marker: str = "o") -> None:
     for flagged in (False, True):
         chosen = [(x, y) for x, y, f in points if f == flagged]
         if chosen:
-            ax.scatter(*zip(*chosen), s=30 if flagged else 14, marker=marker, alpha=0.8,
-                       c=FLAGGED_COLOUR if flagged else OK_COLOUR, label=f"{label}{' (flagged)' if flagged else ''}")
+            ax.scatter(
+                *zip(*chosen),
+                s=30 if flagged else 14,
+                marker=marker,
+                alpha=0.8,
+                c=FLAGGED_COLOUR if flagged else OK_COLOUR,
+                label=f"{label}{' (flagged)' if flagged else ''}",
+            )
 
 
 def plots(rows: Sequence[CaseRow]) -> list[str]:
@@ -65,8 +71,7 @@ def plots(rows: Sequence[CaseRow]) -> list[str]:
     if heads:
         figure, ax = plt.subplots(figsize=(5, 4))
         for side, marker in zip(SIDES, ("o", "^")):
-            _scatter(ax, [(r.etiv_mm3 / 1000, r.volume(side), r.qc != "pass") for r in heads],
-                     side, marker)
+            _scatter(ax, [(r.etiv_mm3 / 1000, r.volume(side), r.qc != "pass") for r in heads], side, marker)
         ax.set(xlabel="eTIV (cm³)", ylabel="hippocampus (mm³)", title="Each side against eTIV")
         ax.legend(fontsize=8)
         figures.append(_svg(figure))
@@ -110,13 +115,17 @@ def _volumes(row: CaseRow) -> str:
 
 def _case_row(row: CaseRow, picture: str) -> str:
     columns = row.columns()
-    return (f'<tr class="{row.qc}"><td>{html.escape(row.case)}</td><td>{row.kind}</td><td>{row.qc}</td>'
-            f'<td>{columns.get("qc_score", "")}</td><td>{html.escape(row.qc_reasons)}</td><td>{_volumes(row)}</td>'
-            f'<td>{columns["confidence"]}</td><td>{picture}</td></tr>')
+    return (
+        f'<tr class="{row.qc}"><td>{html.escape(row.case)}</td><td>{row.kind}</td><td>{row.qc}</td>'
+        f'<td>{columns.get("qc_score", "")}</td><td>{html.escape(row.qc_reasons)}</td><td>{_volumes(row)}</td>'
+        f'<td>{columns["confidence"]}</td><td>{picture}</td></tr>'
+    )
 
 
-HEADER = ("<tr><th>case</th><th>kind</th><th>QC</th><th>QC score (estimated Dice)</th><th>reasons</th><th>volumes</th>"
-          "<th>confidence</th><th>picture</th></tr>")
+HEADER = (
+    "<tr><th>case</th><th>kind</th><th>QC</th><th>QC score (estimated Dice)</th><th>reasons</th><th>volumes</th>"
+    "<th>confidence</th><th>picture</th></tr>"
+)
 
 
 def _by_score(row: CaseRow) -> tuple:
@@ -124,8 +133,9 @@ def _by_score(row: CaseRow) -> tuple:
     return (row.qc != "fail", row.qc_score is None, row.qc_score if row.qc_score is not None else 0.0)
 
 
-def write_report(path: str, rows: Sequence[CaseRow], failures: Sequence[tuple[str, str]],
-                 pictures: Mapping[str, str], title: str) -> None:
+def write_report(
+    path: str, rows: Sequence[CaseRow], failures: Sequence[tuple[str, str]], pictures: Mapping[str, str], title: str
+) -> None:
     """`path`: a summary, the plots, the failed and flagged cases with their reasons and pictures, then every case.
 
     Args:
@@ -135,12 +145,19 @@ def write_report(path: str, rows: Sequence[CaseRow], failures: Sequence[tuple[st
         title: the page's title (the bundle's name and version).
     """
     flagged = sorted((r for r in rows if r.qc != "pass"), key=_by_score)
-    failed_rows = "".join(f'<tr class="failed"><td>{html.escape(case)}</td><td></td><td>failed</td><td></td>'
-                          f"<td>{html.escape(reason)}</td><td></td><td></td><td></td></tr>" for case, reason in failures)
+    failed_rows = "".join(
+        f'<tr class="failed"><td>{html.escape(case)}</td><td></td><td>failed</td><td></td>'
+        f"<td>{html.escape(reason)}</td><td></td><td></td><td></td></tr>"
+        for case, reason in failures
+    )
     flagged_rows = "".join(_case_row(r, _picture(pictures.get(r.case), lazy=False)) for r in flagged)
     # a flagged case's picture is in the page once, in the table above
-    all_rows = "".join(_case_row(r, '<a href="#review">picture above</a>' if r.qc != "pass"
-                                 else _picture(pictures.get(r.case), lazy=True)) for r in sorted(rows, key=_by_score))
+    all_rows = "".join(
+        _case_row(
+            r, '<a href="#review">picture above</a>' if r.qc != "pass" else _picture(pictures.get(r.case), lazy=True)
+        )
+        for r in sorted(rows, key=_by_score)
+    )
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>

@@ -20,10 +20,17 @@ def _bids_columns(row: CaseRow) -> dict[str, str]:
     """A `volumes.tsv` row: the participant and session first, each side's volumes also as a fraction of eTIV, n/a
     for what does not apply."""
     labels = entities(row.case)
-    fractions = ({f"{name}_etiv_fraction": f"{value / row.etiv_mm3:.6g}" for name, value in row.side_volumes().items()}
-                 if row.etiv_mm3 else {})
-    columns = {"participant_id": f"sub-{labels['sub']}", "session_id": f"ses-{labels['ses']}" if "ses" in labels else "",
-               **row.columns(), **fractions}
+    fractions = (
+        {f"{name}_etiv_fraction": f"{value / row.etiv_mm3:.6g}" for name, value in row.side_volumes().items()}
+        if row.etiv_mm3
+        else {}
+    )
+    columns = {
+        "participant_id": f"sub-{labels['sub']}",
+        "session_id": f"ses-{labels['ses']}" if "ses" in labels else "",
+        **row.columns(),
+        **fractions,
+    }
     return {key: value if value != "" else "n/a" for key, value in columns.items()}
 
 
@@ -36,8 +43,10 @@ def write_volumes(inputs, rows: Sequence[CaseRow], quality: QualityCheck) -> tup
     earlier = {}
     if os.path.isfile(path):
         with open(path, newline="", encoding="utf-8") as f:
-            earlier = {row["case"]: {key: "" if value == "n/a" else value for key, value in row.items()}
-                       for row in csv.DictReader(f, delimiter=delimiter)}
+            earlier = {
+                row["case"]: {key: "" if value == "n/a" else value for key, value in row.items()}
+                for row in csv.DictReader(f, delimiter=delimiter)
+            }
     now = {row.case: row for row in rows}
     table = []
     for image in inputs.paths:
@@ -54,8 +63,9 @@ def write_volumes(inputs, rows: Sequence[CaseRow], quality: QualityCheck) -> tup
     flag_cohort_outliers(table)
     columns = ["participant_id", "session_id", *VOLUME_COLUMNS, *FRACTION_COLUMNS] if inputs.bids else VOLUME_COLUMNS
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="n/a" if inputs.bids else "", delimiter=delimiter,
-                                lineterminator="\n")
+        writer = csv.DictWriter(
+            f, fieldnames=columns, restval="n/a" if inputs.bids else "", delimiter=delimiter, lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows([_bids_columns(row) if inputs.bids else row.columns() for row in table])
     return path, table

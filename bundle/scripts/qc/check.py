@@ -10,16 +10,24 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-
 from scripts.imaging import nonzero_box
 from scripts.labels import PARTS, SIDES, structures
 
 SIDE_PARTS = [(side, part) for side in SIDES for part in (*PARTS, "total")]  # a head's per-side volumes
-VOLUME_COLUMNS = ["case", "kind", "anterior_mm3", "posterior_mm3", "total_mm3",
-                  *(f"{side}_{part}_mm3" for side, part in SIDE_PARTS),
-                  "etiv_mm3", "confidence", *(f"{side}_{signal}" for signal in ("confidence", "agreement")
-                                              for side in SIDES),
-                  "qc", "qc_score", "qc_reasons"]
+VOLUME_COLUMNS = [
+    "case",
+    "kind",
+    "anterior_mm3",
+    "posterior_mm3",
+    "total_mm3",
+    *(f"{side}_{part}_mm3" for side, part in SIDE_PARTS),
+    "etiv_mm3",
+    "confidence",
+    *(f"{side}_{signal}" for signal in ("confidence", "agreement") for side in SIDES),
+    "qc",
+    "qc_score",
+    "qc_reasons",
+]
 COHORT_MIN_CASES = 20  # cohort outliers are looked for in runs of at least this many heads
 COHORT_MAX_Z = 3.5  # robust z-score (median, 1.4826 MAD) beyond which a head is a cohort outlier
 
@@ -55,8 +63,11 @@ class CaseRow:
 
     def volume(self, side: str | None = None, part: str | None = None) -> float:
         """mm3 of one side (None: both) and one part (None: both)."""
-        return sum(value for name, value in self.volumes.items()
-                   if (side is None or name.startswith(side)) and (part is None or name.endswith(part)))
+        return sum(
+            value
+            for name, value in self.volumes.items()
+            if (side is None or name.startswith(side)) and (part is None or name.endswith(part))
+        )
 
     @property
     def qc_reasons(self) -> str:
@@ -81,24 +92,35 @@ class CaseRow:
             columns["qc_score"] = f"{self.qc_score:.3f}"
         columns.update({f"{part}_mm3": f"{self.volume(part=part):.1f}" for part in PARTS})
         known = self.confidence is not None and not math.isnan(self.confidence)
-        columns.update(total_mm3=f"{self.volume():.1f}", confidence=f"{self.confidence:.4f}" if known else "",
-                       qc=self.qc, qc_reasons=self.qc_reasons)
+        columns.update(
+            total_mm3=f"{self.volume():.1f}",
+            confidence=f"{self.confidence:.4f}" if known else "",
+            qc=self.qc,
+            qc_reasons=self.qc_reasons,
+        )
         return columns
 
     @classmethod
     def from_columns(cls, columns: Mapping[str, str]) -> CaseRow:
         """A row read back from a volumes table (`columns`' inverse, to the precision written)."""
         kind = columns["kind"]
-        names = {_structure(side, part): f"{_structure(side, part).replace(' ', '_')}_mm3"
-                 for _, side, part in structures(kind)}
+        names = {
+            _structure(side, part): f"{_structure(side, part).replace(' ', '_')}_mm3"
+            for _, side, part in structures(kind)
+        }
         signals = [side for side in SIDES if _number(columns.get(f"{side}_agreement")) is not None]
-        return cls(case=columns["case"], kind=kind,
-                   volumes={name: float(columns[column]) for name, column in names.items()},
-                   etiv_mm3=_number(columns.get("etiv_mm3")), confidence=_number(columns.get("confidence")),
-                   side_confidence={side: float(columns[f"{side}_confidence"]) for side in signals},
-                   side_agreement={side: float(columns[f"{side}_agreement"]) for side in signals},
-                   qc=columns["qc"], qc_score=_number(columns.get("qc_score")),
-                   reasons=[reason for reason in columns["qc_reasons"].split("; ") if reason])
+        return cls(
+            case=columns["case"],
+            kind=kind,
+            volumes={name: float(columns[column]) for name, column in names.items()},
+            etiv_mm3=_number(columns.get("etiv_mm3")),
+            confidence=_number(columns.get("confidence")),
+            side_confidence={side: float(columns[f"{side}_confidence"]) for side in signals},
+            side_agreement={side: float(columns[f"{side}_agreement"]) for side in signals},
+            qc=columns["qc"],
+            qc_score=_number(columns.get("qc_score")),
+            reasons=[reason for reason in columns["qc_reasons"].split("; ") if reason],
+        )
 
 
 class QualityCheck:
@@ -122,8 +144,13 @@ class QualityCheck:
             on the failure set: `python -m tools.failure_set score`); None checks heads as crops.
     """
 
-    def __init__(self, volume_range: Mapping[str, Sequence[float]], min_confidence: float,
-                 reference_etiv_mm3: float = 1_500_000.0, head: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        volume_range: Mapping[str, Sequence[float]],
+        min_confidence: float,
+        reference_etiv_mm3: float = 1_500_000.0,
+        head: Mapping[str, float] | None = None,
+    ) -> None:
         self.volume_range = {part: tuple(float(v) for v in volume_range[part]) for part in PARTS}
         self.min_confidence = float(min_confidence)
         self.reference_etiv_mm3 = float(reference_etiv_mm3)
@@ -139,9 +166,16 @@ class QualityCheck:
         kind = "head" if head is not None or labels.max() > 2 else "crop"
         named = {_structure(side, part): label for label, side, part in structures(kind)}
         counts = np.bincount(labels.ravel(), minlength=5)
-        row = CaseRow(case, kind, {name: float(counts[label]) * voxel for name, label in named.items()},
-                      etiv_mm3=head["etiv_mm3"] if head is not None else None, confidence=confidence)
-        boxes = ndimage.find_objects(labels)  # each label's bounding box, where its pieces are counted (heads are large)
+        row = CaseRow(
+            case,
+            kind,
+            {name: float(counts[label]) * voxel for name, label in named.items()},
+            etiv_mm3=head["etiv_mm3"] if head is not None else None,
+            confidence=confidence,
+        )
+        boxes = ndimage.find_objects(
+            labels
+        )  # each label's bounding box, where its pieces are counted (heads are large)
         review, fail = [], []
         scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
         for name, label in named.items():
@@ -193,8 +227,9 @@ def flag_cohort_outliers(rows: Sequence[CaseRow]) -> None:
     heads = [row for row in rows if row.kind == "head" and row.etiv_mm3]
     if len(heads) < COHORT_MIN_CASES:
         return
-    measures = {f"{side} hippocampus's volume over eTIV": [r.volume(side) / r.etiv_mm3 for r in heads]
-                for side in SIDES}
+    measures = {
+        f"{side} hippocampus's volume over eTIV": [r.volume(side) / r.etiv_mm3 for r in heads] for side in SIDES
+    }
     left, right = (np.array([r.volume(side) for r in heads]) for side in SIDES)
     measures["left/right asymmetry"] = list(asymmetry(left, right))
     for name, values in measures.items():

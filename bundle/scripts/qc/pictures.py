@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from scripts.labels import CROP_LABELS, HEAD_LABELS
 
 OUTLINE_COLOURS = ((228, 26, 28), (255, 217, 47), (55, 126, 184), (77, 175, 74))  # labels 1-4
@@ -18,7 +17,6 @@ def draw_qc_png(image_file: str, mask_file: str, png_file: str, margin_mm: float
     with Pillow (matplotlib took 0.13 s a picture, about as long as segmenting a crop)."""
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
     from PIL import Image, ImageDraw
-
     from scripts.data.transforms import image_reader
 
     load = LoadImage(image_only=True)
@@ -26,8 +24,11 @@ def draw_qc_png(image_file: str, mask_file: str, png_file: str, margin_mm: float
     image, labels = (to_ras(load(f, image_reader(f))) for f in (image_file, mask_file))
     spacing = np.linalg.norm(np.asarray(labels.affine)[:3, :3], axis=0)
     image, labels = np.asarray(image[0], dtype=np.float32), np.asarray(labels[0], dtype=np.uint8)
-    sides = ([(f"{side}, ", side_labels) for side, side_labels in HEAD_LABELS.items()] if labels.max() > 2
-             else [("", tuple(CROP_LABELS.values()))])
+    sides = (
+        [(f"{side}, ", side_labels) for side, side_labels in HEAD_LABELS.items()]
+        if labels.max() > 2
+        else [("", tuple(CROP_LABELS.values()))]
+    )
     rows = []
     for name, side_labels in sides:
         inside = np.isin(labels, side_labels)
@@ -51,8 +52,12 @@ def draw_qc_png(image_file: str, mask_file: str, png_file: str, margin_mm: float
             pixels = np.asarray(Image.fromarray(grey).resize(size, Image.BILINEAR).convert("RGB")).copy()
             drawn = np.asarray(Image.fromarray(contour).resize(size, Image.NEAREST))
             edge = drawn > 0
-            edge[1:-1, 1:-1] &= ~((drawn[1:-1, 1:-1] == drawn[:-2, 1:-1]) & (drawn[1:-1, 1:-1] == drawn[2:, 1:-1]) &
-                                  (drawn[1:-1, 1:-1] == drawn[1:-1, :-2]) & (drawn[1:-1, 1:-1] == drawn[1:-1, 2:]))
+            edge[1:-1, 1:-1] &= ~(
+                (drawn[1:-1, 1:-1] == drawn[:-2, 1:-1])
+                & (drawn[1:-1, 1:-1] == drawn[2:, 1:-1])
+                & (drawn[1:-1, 1:-1] == drawn[1:-1, :-2])
+                & (drawn[1:-1, 1:-1] == drawn[1:-1, 2:])
+            )
             for label, colour in enumerate(OUTLINE_COLOURS, start=1):
                 pixels[edge & (drawn == label)] = colour
             panel = Image.fromarray(pixels)

@@ -8,7 +8,6 @@ import os
 import nibabel as nib
 import numpy as np
 import torch
-
 from scripts.data.acquisition import simulate_voxel_size
 from scripts.labels import PARTS, mask_name
 from scripts.qc.calibration import dice, segment_folder, split_cases
@@ -18,6 +17,7 @@ def _voxel_size(target_mm: float, axes: tuple[int, ...]):
     def degrade(image: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         factors = [target_mm / spacing[a] if a in axes else 1.0 for a in range(3)]
         return simulate_voxel_size(torch.from_numpy(image)[None], factors)[0].numpy()
+
     return degrade
 
 
@@ -38,6 +38,7 @@ def _gamma(gamma: float):
     def degrade(image: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         low, high = image.min(), image.max()
         return ((image - low) / max(high - low, 1e-6)) ** gamma * (high - low) + low
+
     return degrade
 
 
@@ -53,8 +54,15 @@ DEGRADATIONS = {
 }
 
 
-def robustness(dataset_dir: str, split: str = "validation", output_dir: str = "eval/robustness", cases: int | None = None,
-               degradations: str | list[str] | None = None, ckpt_file: str | None = None, seed: int = 0) -> None:
+def robustness(
+    dataset_dir: str,
+    split: str = "validation",
+    output_dir: str = "eval/robustness",
+    cases: int | None = None,
+    degradations: str | list[str] | None = None,
+    ckpt_file: str | None = None,
+    seed: int = 0,
+) -> None:
     """Degrades each of a split's scans on its own grid (`DEGRADATIONS`, seeded per case), segments them all with
     configs/inference.yaml (`ckpt_file` for other weights) and prints Dice per class per degradation, against each
     case's own label; writes `robustness.csv` (the table) and `robustness_cases.csv` (per case) in `output_dir`.
@@ -77,8 +85,12 @@ def robustness(dataset_dir: str, split: str = "validation", output_dir: str = "e
             rng = np.random.default_rng([seed, index, list(DEGRADATIONS).index(name)])
             degraded = DEGRADATIONS[name](image, spacing, rng).astype(np.float32)
             os.makedirs(os.path.join(images, name), exist_ok=True)
-            nib.save(nib.Nifti1Image(degraded, scan.affine), os.path.join(images, name, os.path.basename(case["image"])))
-    segment_folder(images, masks, "--recursive", "true", *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else []))
+            nib.save(
+                nib.Nifti1Image(degraded, scan.affine), os.path.join(images, name, os.path.basename(case["image"]))
+            )
+    segment_folder(
+        images, masks, "--recursive", "true", *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else [])
+    )
 
     per_case = []
     for case in chosen_cases:
@@ -86,13 +98,23 @@ def robustness(dataset_dir: str, split: str = "validation", output_dir: str = "e
         file_name = mask_name(case["image"])
         for name in chosen:
             predicted = np.asarray(nib.load(os.path.join(masks, name, file_name)).dataobj)
-            per_case.append({"degradation": name, "case": os.path.basename(case["image"]),
-                             **{f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, 1)}})
+            per_case.append(
+                {
+                    "degradation": name,
+                    "case": os.path.basename(case["image"]),
+                    **{f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, 1)},
+                }
+            )
     table = []
     for name in chosen:
         rows = [r for r in per_case if r["degradation"] == name]
-        table.append({"degradation": name, "cases": len(rows),
-                      **{f"dice_{part}": round(float(np.mean([r[f"dice_{part}"] for r in rows])), 4) for part in PARTS}})
+        table.append(
+            {
+                "degradation": name,
+                "cases": len(rows),
+                **{f"dice_{part}": round(float(np.mean([r[f"dice_{part}"] for r in rows])), 4) for part in PARTS},
+            }
+        )
     clean = next((row for row in table if row["degradation"] == "clean"), None)
     for row in table:
         for part in PARTS:
@@ -104,5 +126,7 @@ def robustness(dataset_dir: str, split: str = "validation", output_dir: str = "e
             writer.writerows(rows)
     print(f"{'degradation':<16} {'cases':>5} " + " ".join(f"{'dice_' + p:>15} {'change':>7}" for p in PARTS))
     for row in table:
-        print(f"{row['degradation']:<16} {row['cases']:>5} "
-              + " ".join(f"{row['dice_' + p]:>15.4f} {row['change_' + p]:>7}" for p in PARTS))
+        print(
+            f"{row['degradation']:<16} {row['cases']:>5} "
+            + " ".join(f"{row['dice_' + p]:>15.4f} {row['change_' + p]:>7}" for p in PARTS)
+        )
