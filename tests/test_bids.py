@@ -103,7 +103,7 @@ def test_participant_and_session_labels_select_scans(bids_dataset, tmp_path):
     assert chosen(participant_label="01 sub-02") == sorted(SCANS)
     assert chosen(participant_label="01", session_label="2") == ["sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"]
     with pytest.raises(BundleError, match="--participant_label 07"):
-        Inputs(str(bids_dataset), str(tmp_path), participant_label="01 07")
+        Inputs(str(bids_dataset), str(tmp_path), participant_label="01 07").check()
     # through the CLI: the selected participant only, and a label that selects nothing stops with its name
     result = run_inference(bids_dataset, tmp_path / "out", "--participant_label", "02", "--report", "false")
     assert result.returncode == 0, result.stderr[-3000:]

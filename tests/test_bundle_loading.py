@@ -36,16 +36,21 @@ def test_workflow_properties_and_initialize_writes_nothing(workflow_type, config
     assert os.listdir(tmp_path) == [] and files_under(BUNDLE_DIR) == bundle_files
 
 
-def test_initialize_with_default_paths_raises_an_ordinary_error(tmp_path, monkeypatch):
-    """The default dataset folder does not exist here: an exception a host can catch, never SystemExit."""
+@pytest.mark.parametrize("workflow_type, configs, missing", [("train", ("train.yaml", "train_native.yaml"),
+                                                                "data/Task04_Hippocampus"),
+                                                               ("infer", ("inference.yaml",), "data/scans")])
+def test_default_paths_load_and_the_run_names_the_missing_folder(workflow_type, configs, missing, tmp_path,
+                                                                 monkeypatch):
+    """As the model zoo checks a bundle: its configs with their own default paths (no data here) initialise and have
+    every property; the run then stops with an exception a host can catch (never SystemExit) naming the folder."""
     monkeypatch.chdir(tmp_path)
-    flow = workflow("train", ("train.yaml",))
+    flow = workflow(workflow_type, configs)
+    flow.initialize()
+    assert flow.check_properties() == []
     with pytest.raises(RuntimeError) as error:
-        flow.initialize()
+        flow.run()
     cause = find_bundle_error(error.value)
-    assert isinstance(cause, BundleError) and "data/Task04_Hippocampus" in str(cause)
-    assert os.listdir(tmp_path) == []
-    workflow("infer", ("inference.yaml",)).initialize()  # inference looks at its inputs when it runs
+    assert isinstance(cause, BundleError) and missing in str(cause) and "does not exist" in str(cause)
     assert os.listdir(tmp_path) == []
 
 

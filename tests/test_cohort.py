@@ -238,4 +238,4 @@ def test_inputs_skip_an_output_folder_inside_the_input_folder(tmp_path):
     assert single.paths == [str(scans / "sub-01" / "T1w.nii.gz")]
     assert single.mask_path(single.paths[0]) == str(out / "T1w_seg.nii.gz")
     with pytest.raises(BundleError, match="does not exist"):
-        Inputs(str(scans / "missing.nii.gz"), str(out))
+        Inputs(str(scans / "missing.nii.gz"), str(out)).check()  # when the run starts, not when the config loads

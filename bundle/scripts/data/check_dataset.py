@@ -213,16 +213,27 @@ def check_dataset(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
 
 
 def dataset_cases(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
-    """`check_dataset` for the configs: a bad dataset ends the run with the report, not a traceback."""
+    """`check_dataset` for the configs: a bad dataset ends the run with the report, not a traceback. A dataset folder
+    that does not exist gives no cases, so that a config with its default paths loads (MONAI's `check_properties`):
+    `require_dataset` stops the run when it starts."""
+    if not os.path.exists(os.path.expanduser(str(dataset_dir))):
+        return []
     try:
         return check_dataset(dataset_dir, skip_bad_cases)
     except (BadDatasetError, FileNotFoundError) as e:
         raise BundleError(str(e)) from None
 
 
+def require_dataset(dataset_dir: str) -> None:
+    """The first step of a run that reads the task: its folder must exist."""
+    if not os.path.exists(os.path.expanduser(str(dataset_dir))):
+        raise BundleError(f"dataset folder {os.path.abspath(os.path.expanduser(str(dataset_dir)))} does not exist")
+
+
 def main(dataset_dir: str) -> None:
     """CLI: report every bad case of `dataset_dir` and exit with status 1 if any, else print "all N cases OK"."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    require_dataset(dataset_dir)
     good = dataset_cases(dataset_dir)
     print(f"all {len(good)} cases OK")
 

@@ -128,8 +128,9 @@ class ConfidenceRecorder:
 
 
 def run(inputs: Inputs, evaluator, crops: CaseStream, heads: HeadCases) -> None:
-    """Checks that the output folder can be written, then segments the crops through `evaluator` and the heads (the
-    evaluator's checkpoint loader has loaded the weights)."""
+    """Checks the inputs and that the output folder can be written, then segments the crops through `evaluator` and
+    the heads (the evaluator's checkpoint loader has loaded the weights)."""
+    inputs.check()
     check_output_dir(inputs.output_dir)
     if crops.cases:
         evaluator.run()

@@ -66,9 +66,23 @@ class Inputs(FolderLayoutBase):
         participant_label=None,
         session_label=None,
     ) -> None:
+        layout = look_up_option(str(output_layout), ("auto", "mirror", "bids"))
+        self.output_dir = output_dir
+        self.bids, self.dataset_dir, self.root, self.paths = False, dataset_dir, dataset_dir, []
+        self.problem: BundleError | None = None
+        try:
+            self._find_inputs(dataset_dir, recursive, layout, participant_label, session_label)
+        except BundleError as e:
+            self.problem = e  # raised by `check` when the run starts: a config with its default paths still loads
+
+    def check(self) -> None:
+        """Raises what is wrong with the inputs (a missing folder, nothing to segment), when the run starts."""
+        if self.problem is not None:
+            raise self.problem
+
+    def _find_inputs(self, dataset_dir: str, recursive: bool, layout: str, participant_label, session_label) -> None:
         if not os.path.exists(dataset_dir):
             raise BundleError(f"Input {dataset_dir} does not exist.")
-        layout = look_up_option(str(output_layout), ("auto", "mirror", "bids"))
         bids_root = bids.dataset_root(dataset_dir)
         self.bids = layout == "bids" or (layout == "auto" and bids_root is not None)
         if (participant_label or session_label) and not self.bids:
@@ -85,7 +99,6 @@ class Inputs(FolderLayoutBase):
                 os.path.join(dataset_dir, "imagesTs")
             )
             self.root = os.path.join(dataset_dir, "imagesTs") if msd else self.dataset_dir
-        self.output_dir = output_dir
         if single:
             if self.bids:
                 self._bids_name(dataset_dir)
