@@ -1,6 +1,7 @@
-"""Every command written in README.md, bundle/docs/README.md and the config headers runs as written, in document
-order, on a copy of the bundle: placeholders (D, IN, OUT, N, ...) become synthetic data, and training runs are cut
-to one epoch through the command line. Commands that cannot run here are listed in NOT_RUN with the reason."""
+"""Every command written in README.md, the model card bundle/docs/README.md, the other bundle/docs/*.md files and the
+config headers runs as written, in document order, on a copy of the bundle: placeholders (D, IN, OUT, N, ...) become
+synthetic data, and training runs are cut to one epoch through the command line. Commands that cannot run here are
+listed in NOT_RUN with the reason."""
 
 import csv
 import glob
@@ -17,7 +18,9 @@ import pytest
 
 from conftest import BUNDLE_DIR, REPO_DIR, files_under
 
-DOCS = ("README.md", "bundle/docs/README.md")
+DOCS = ("README.md", "bundle/docs/README.md",  # the card, then the files it links to
+        *sorted(os.path.relpath(doc, REPO_DIR) for doc in glob.glob(os.path.join(REPO_DIR, "bundle", "docs", "*.md"))
+                if os.path.basename(doc) != "README.md"))
 NOT_RUN = {
     "cd bundle": "every command runs in (a copy of) the bundle folder",
     "bash demo.sh": "the set-up-and-run command itself: it installs the environment these tests run in",

@@ -177,19 +177,20 @@ def test_large_files_lists_each_weight_file_with_its_sha256(tmp_path):
     """The committed large_files.yml matches the committed weights, and MONAI's own check agrees."""
     import yaml
 
-    from tools.package import MODEL_FILES, sha256
+    from tools.package import LARGE_FILES_LISTED, sha256
 
     with open(os.path.join(BUNDLE_DIR, "large_files.yml")) as f:
         listed = {entry["path"]: entry for entry in yaml.safe_load(f)["large_files"]}
-    assert set(listed) == {f"models/{name}" for name in MODEL_FILES}
+    assert set(listed) == set(LARGE_FILES_LISTED)
     for path, entry in listed.items():
         assert entry["hash_type"] == "sha256" and entry["hash_val"] == sha256(os.path.join(BUNDLE_DIR, path)), path
+        assert entry["url"].startswith("https://") and entry["url"].endswith(path.replace("/", "_")), entry["url"]
     check = [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", BUNDLE_DIR]
     result = subprocess.run(check, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "skipped downloading" in result.stdout + result.stderr, result.stderr[-2000:]
 
     copy = tmp_path / "bundle"
-    shutil.copytree(BUNDLE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "atlas", "docs"))
+    shutil.copytree(BUNDLE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "docs"))
     (copy / "models" / "model_tf.pt").write_bytes(b"changed")
     result = subprocess.run(check[:-1] + [str(copy)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "model_tf.pt" in result.stdout + result.stderr

@@ -7,7 +7,8 @@ checkpoints and hidden files, so this script copies only an allow-list:
 
     <name>/configs/   every config file
     <name>/models/    model.pt, model_tf.pt and model.ts (no other checkpoints)
-    <name>/large_files.yml   each weight file with its SHA-256, as model-zoo bundles list them (written here)
+    <name>/large_files.yml   each large file (the weights, the MNI152 template) with its URL and SHA-256, as
+                             model-zoo bundles list them (written here)
     <name>/docs/      .md, .txt and .png files
     <name>/atlas/     the MNI152 template files whole-head inference registers to (.nii.gz) and their notice (.txt)
     <name>/scripts/   .py and .sh files, at any depth (the maintainers' tools/ stay out)
@@ -19,9 +20,13 @@ The archive is deterministic: sorted entries, fixed timestamps and permissions.
 Run from the bundle folder (the bundle is located from this file, so any working directory works):
 
     python -m tools.package --output_dir dist
+    python -m tools.package --output_dir dist --pull_request true --base_url https://HOST/PATH
 
-which writes `large_files.yml`, then writes and prints `dist/<name>_v<version>.zip`, the version being
-configs/metadata.json's "version". `python -m monai.bundle download_large_files --bundle_path .` checks the hashes.
+which writes `large_files.yml` (URLs under `--base_url`, where the release's large files will live; the model zoo's
+hosting by default), then writes and prints `dist/<name>_v<version>.zip`, the version being configs/metadata.json's
+"version", or with `--pull_request true` the folder `dist/<name>/` that a model-zoo pull request adds under
+`models/`: the same files less the large ones, which `python -m monai.bundle download_large_files --bundle_path
+dist/<name>` fetches from their URLs and checks against their hashes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import sys
 import zipfile
 
@@ -41,7 +47,12 @@ if not __package__:  # run by its file path: the bundle's scripts package is not
 from scripts import atomic_write  # noqa: E402
 
 MODEL_FILES = ("model.pt", "model_tf.pt", "model.ts")
+TEMPLATE_FILE = "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+# over the 1 MB a model-zoo pull request may add; the template must stay byte for byte what registration was tuned on
+LARGE_FILES_LISTED = (*(f"models/{m}" for m in MODEL_FILES), TEMPLATE_FILE)
 LARGE_FILES = "large_files.yml"
+# where the model zoo hosts its bundles' large files
+RELEASE_BASE_URL = "https://github.com/Project-MONAI/model-zoo/releases/download/hosting_storage_v1"
 DOCS_SUFFIXES = (".md", ".txt", ".png")
 ATLAS_SUFFIXES = (".nii.gz", ".txt")
 REQUIRED = ("configs/metadata.json", "models/model.pt", LARGE_FILES, "LICENSE")
@@ -104,29 +115,60 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_large_files(bundle_dir: str = BUNDLE_DIR) -> str:
-    """`bundle_dir/large_files.yml`: path and SHA-256 of each weight file in models/, in model-zoo's format (no url:
-    the weights travel inside the release zip)."""
+def large_files(bundle_dir: str = BUNDLE_DIR) -> list[str]:
+    """The bundle-relative paths of its large files (`LARGE_FILES_LISTED` that exist): in the release zip, named with
+    a URL and a hash in large_files.yml, left out of a pull request's folder."""
+    return [p for p in LARGE_FILES_LISTED if os.path.isfile(os.path.join(bundle_dir, p))]
+
+
+def hosted_name(path: str, name: str, version: str) -> str:
+    """The file name a large file is hosted under (release assets are one flat folder):
+    `<name>_v<version>_models_model.pt` for `models/model.pt`."""
+    return f"{name}_v{version}_{path.replace('/', '_')}"
+
+
+def write_large_files(bundle_dir: str = BUNDLE_DIR, base_url: str = RELEASE_BASE_URL, name: str = BUNDLE_NAME) -> str:
+    """`bundle_dir/large_files.yml` in model-zoo's format: each large file's path, URL (its `hosted_name` under
+    `base_url`) and SHA-256."""
+    version = bundle_version(bundle_dir)
     lines = ["large_files:"]
-    for name in MODEL_FILES:
-        path = os.path.join(bundle_dir, "models", name)
-        if os.path.isfile(path):
-            lines += [f'- path: "models/{name}"', '  url: ""', f'  hash_val: "{sha256(path)}"', '  hash_type: "sha256"']
+    for path in large_files(bundle_dir):
+        url = f"{base_url.rstrip('/')}/{hosted_name(path, name, version)}"
+        digest = sha256(os.path.join(bundle_dir, path))
+        lines += [f'- path: "{path}"', f'  url: "{url}"', f'  hash_val: "{digest}"', '  hash_type: "sha256"']
     target = os.path.join(bundle_dir, LARGE_FILES)
     with atomic_write(target, "w") as f:
         f.write("\n".join(lines) + "\n")
     return target
 
 
-def package(output_dir: str = "dist", name: str = BUNDLE_NAME, bundle_dir: str = BUNDLE_DIR) -> str:
-    """Write `bundle_dir/large_files.yml`, then `output_dir`/<name>_v<version>.zip with the single top-level folder
-    <name>/; returns and prints the zip's path. The zip goes through a temporary file: a failure leaves none."""
+def package(
+    output_dir: str = "dist",
+    name: str = BUNDLE_NAME,
+    bundle_dir: str = BUNDLE_DIR,
+    base_url: str = RELEASE_BASE_URL,
+    pull_request: bool = False,
+) -> str:
+    """Write `bundle_dir/large_files.yml` (URLs under `base_url`, where the release's large files will live), then
+    `output_dir`/<name>_v<version>.zip with the single top-level folder <name>/, or with `pull_request` the folder
+    `output_dir`/<name>/ as a model-zoo pull request carries it (no large files: they are fetched from their URLs)
+    and `output_dir`/large_files/ with the large files under their hosted names, to upload to `base_url`; returns
+    and prints its path. The zip goes through a temporary file: a failure leaves none."""
     bundle_dir = os.path.abspath(os.path.expanduser(str(bundle_dir)))
-    write_large_files(bundle_dir)
-    files = list_files(bundle_dir)
-    version = bundle_version(bundle_dir)
+    write_large_files(bundle_dir, base_url, name)
+    files, version, large = list_files(bundle_dir), bundle_version(bundle_dir), large_files(bundle_dir)
     output_dir = os.path.abspath(os.path.expanduser(str(output_dir)))
     os.makedirs(output_dir, exist_ok=True)
+    if pull_request:
+        target, hosted = os.path.join(output_dir, name), os.path.join(output_dir, "large_files")
+        for folder in (target, hosted):
+            shutil.rmtree(folder, ignore_errors=True)
+        for rel in files:
+            copy = os.path.join(hosted, hosted_name(rel, name, version)) if rel in large else os.path.join(target, rel)
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            shutil.copyfile(os.path.join(bundle_dir, rel), copy)
+        print(target)
+        return target
     zip_path = os.path.join(output_dir, f"{name}_v{version}.zip")
     with atomic_write(zip_path) as archive, zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for rel in files:
@@ -141,8 +183,14 @@ def package(output_dir: str = "dist", name: str = BUNDLE_NAME, bundle_dir: str =
     return zip_path
 
 
-def _cli(output_dir: str = "dist", name: str = BUNDLE_NAME, bundle_dir: str = BUNDLE_DIR) -> None:
-    package(output_dir=output_dir, name=name, bundle_dir=bundle_dir)  # prints the path once (fire would echo it again)
+def _cli(
+    output_dir: str = "dist",
+    name: str = BUNDLE_NAME,
+    bundle_dir: str = BUNDLE_DIR,
+    base_url: str = RELEASE_BASE_URL,
+    pull_request: bool = False,
+) -> None:
+    package(output_dir, name, bundle_dir, base_url, pull_request)  # prints the path once (fire would echo it again)
 
 
 _cli.__doc__ = package.__doc__

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The model card's GPU throughput table in one command; run from the bundle folder with the requirements installed:
+# The GPU throughput table of docs/throughput.md ("GPU path") in one command; run from the bundle folder with the
+# requirements installed:
 #   bash scripts/engine/gpu_benchmark.sh OUT_DIR [DATASET_DIR]
 # For both recipes, train and predict at batch 32 with AMP and num_workers 0 and 8: img/s of the pipeline and of the
 # model alone (also with the weights in the plain memory layout instead of channels-last), and their ratio
