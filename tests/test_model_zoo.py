@@ -8,7 +8,6 @@ MONAI's own Meta and Infer properties."""
 
 import functools
 import http.server
-import json
 import os
 import shutil
 import subprocess
@@ -130,29 +129,48 @@ def test_model_zoo_unit_test_through_its_runner(pull_request):
     assert code == 0 and "Ran 1 test" in log and "OK" in log, log[-4000:]
 
 
-def test_pre_commit_hooks_leave_the_pull_request_unchanged(pull_request, tmp_path):
-    """The zoo's .pre-commit-config.yaml hooks, ids, arguments and excludes as they are, on the PR's files."""
-    folder, _, _ = pull_request
-    with open(os.path.join(MODEL_ZOO, ".pre-commit-config.yaml")) as f:
+def run_hooks(config_file, folder, tmp_path, inside="."):
+    """Runs the hooks of a pre-commit config (ids, arguments, excludes as written) on a git checkout holding
+    `folder`'s files at `inside`, as pre-commit would, each hook from the pre-commit-hooks wheel; returns (exit code,
+    log, files before, files after)."""
+    with open(config_file) as f:
         config = yaml.safe_load(f)
+    bin_dir = os.path.dirname(sys.executable)
     hooks = []
     for repository in config["repos"]:
         for hook in repository["hooks"]:
             entry, types = HOOK_ENTRIES[hook["id"]]
-            bin_dir = os.path.dirname(sys.executable)
             hooks.append({"id": hook["id"], "name": hook["id"], "entry": os.path.join(bin_dir, entry),
                           "language": "system", "args": hook.get("args", []), "types": types or ["file"],
                           **({"exclude": hook["exclude"]} if "exclude" in hook else {})})
     local = {"exclude": config.get("exclude", "^$"), "repos": [{"repo": "local", "hooks": hooks}]}
-    checkout = tmp_path / NAME
-    shutil.copytree(folder, checkout)
     (tmp_path / "hooks.yaml").write_text(yaml.safe_dump(local))
+    checkout = tmp_path / "checkout"
+    shutil.copytree(folder, checkout / inside, ignore=shutil.ignore_patterns("__pycache__", "output", "eval", "dist"))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for command in (git + ["init", "-q"], git + ["add", "-A"]):
         assert run(command, cwd=checkout)[0] == 0
     before = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file() and ".git" not in p.parts}
-    code, log = run([os.path.join(os.path.dirname(sys.executable), "pre-commit"), "run", "--config",
-                     str(tmp_path / "hooks.yaml"), "--all-files"], cwd=checkout)
+    code, log = run([os.path.join(bin_dir, "pre-commit"), "run", "--config", str(tmp_path / "hooks.yaml"),
+                     "--all-files"], cwd=checkout)
+    return code, log, before, {p: p.read_bytes() for p in before}
+
+
+def test_pre_commit_hooks_leave_the_pull_request_unchanged(pull_request, tmp_path):
+    """The zoo's .pre-commit-config.yaml as it is, on the PR's files."""
+    folder, _, _ = pull_request
+    code, log, before, after = run_hooks(os.path.join(MODEL_ZOO, ".pre-commit-config.yaml"), folder, tmp_path)
     assert code == 0, log[-4000:]
-    assert {p: p.read_bytes() for p in before} == before
-    assert json.loads((checkout / "configs" / "metadata.json").read_text())["version"]
+    assert after == before
+
+
+def test_repository_hooks_never_touch_the_weights(tmp_path):
+    """The repository's .pre-commit-config.yaml (the zoo's hooks, the weights and template left out) on the whole
+    bundle, weights included: every file unchanged, the TorchScript still loads."""
+    import torch
+
+    code, log, before, after = run_hooks(os.path.join(REPO_DIR, ".pre-commit-config.yaml"), BUNDLE_DIR, tmp_path,
+                                         inside="bundle")
+    assert code == 0, log[-4000:]
+    assert after == before
+    torch.jit.load(str(tmp_path / "checkout" / "bundle" / "models" / "model.ts"))
