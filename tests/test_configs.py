@@ -103,6 +103,20 @@ def test_dev_split_never_uses_the_validation_cases(synthetic_task, tmp_path):
     assert dev["training"] and dev["validation"]
 
 
+def test_folds_validate_every_case_once(synthetic_task, tmp_path):
+    """configs/fold.yaml: the folds' validation parts cover every labelled case exactly once, each fold trains on
+    the rest, and each fold has its own weights."""
+    folds = [parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml", "fold.yaml"), fold=k)
+             for k in range(5)]
+    splits = [parser.get_parsed_content("split") for parser in folds]
+    images = lambda cases: sorted(c["image"] for c in cases)  # noqa: E731
+    everything = images(load_training_list(synthetic_task))
+    assert images(sum((split["validation"] for split in splits), [])) == everything
+    for split in splits:
+        assert split["validation"] and images(split["training"] + split["validation"]) == everything
+    assert len({parser.get_parsed_content("ckpt_file") for parser in folds}) == 5
+
+
 def _label_round_trip_dice(label, mode, size):
     one_hot = lambda t: torch.nn.functional.one_hot(t.long()[0], 3).permute(3, 0, 1, 2)[None]  # noqa: E731
     back = Resize(label.shape[1:], mode=mode)(Resize(size, mode=mode)(label))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MONAI Label 0.8.5 in an environment of its own, beside the bundle's: it needs numpy < 2 (pydicom-seg), the bundle
-# pins numpy 2.4.6; its transforms import torchvision, and the torchvision that imports beside a CPU torch here is
+# pins numpy 2.2.6; its transforms import torchvision, and the torchvision that imports beside a CPU torch here is
 # 0.29.1 with torch 2.14.1 (a CUDA build, about 5.5 GB). Usage: bash tests/clients/setup_monailabel.sh [VENV]
 set -euo pipefail
 venv=${1:-.venv-monailabel}

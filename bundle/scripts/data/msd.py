@@ -32,6 +32,23 @@ def split_dataset(
     return {"training": cases[:n_train], "validation": cases[n_train:]}
 
 
+def fold_split(
+    cases: list[dict[str, str]], fold: int, num_folds: int = 5, fold_seed: int = 0
+) -> dict[str, list[dict[str, str]]]:
+    """Fold `fold` of a `num_folds`-fold cross-validation: the labelled `cases` shuffled with `fold_seed` and dealt
+    into `num_folds` parts of (nearly) equal size; the fold validates on its part and trains on the others. Every case
+    is validated by exactly one fold."""
+    fold, num_folds = int(fold), int(num_folds)
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}.")
+    cases = sorted(cases, key=lambda case: case["image"])
+    random.Random(fold_seed).shuffle(cases)
+    return {
+        "training": [case for i, case in enumerate(cases) if i % num_folds != fold],
+        "validation": cases[fold::num_folds],
+    }
+
+
 def write_split(split: dict[str, list[dict[str, str]]], output_dir: str) -> None:
     """`output_dir/split.json`: the cases a run trained and validated on."""
     os.makedirs(output_dir, exist_ok=True)
