@@ -163,6 +163,16 @@ def test_quality_flags(tmp_path):
     assert row.kind == "head" and columns["left_total_mm3"] == "3456.0" and columns["right_anterior_mm3"] == "1728.0"
     assert row.qc_reasons == "right posterior absent" and columns["etiv_mm3"] == "1500000"
     assert CaseRow.from_columns(columns) == row  # a rerun reads the table back to the same row
+    boxes = {"left anterior": 1700.0, "left posterior": 1500.0, "right anterior": 1600.0, "right posterior": 1400.0}
+    row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6, "box_volumes_mm3": boxes})
+    assert row.volumes == boxes and row.qc == "pass"  # a head's volumes as its 1 mm boxes hold them, not the mask's
+    thick = labels[:, :, ::6]  # 6 mm slices along the third axis, the volumes still in range
+    affine = np.diag([1.0, 1.0, 6.0, 1.0])
+    nib.save(nib.Nifti1Image(thick, affine), str(tmp_path / "thick.nii.gz"))
+    row = check.row("thick", str(tmp_path / "thick.nii.gz"), confidence=0.95)
+    assert row.qc == "review" and row.qc_reasons == "6 mm slices, thicker than the 5 mm checked", row.qc_reasons
+    nib.save(nib.Nifti1Image(labels[:, :, ::5], np.diag([1.0, 1.0, 5.0, 1.0])), str(tmp_path / "five.nii.gz"))
+    assert check.row("five", str(tmp_path / "five.nii.gz"), confidence=0.95).qc == "pass"
 
 
 def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):

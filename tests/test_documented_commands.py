@@ -32,6 +32,9 @@ NOT_RUN = {
     "tools.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
     "tools.failure_set": "a measurement on the real dev heads (150 heads, about 15 minutes); tests/test_failure_set.py "
                            "checks its copies",
+    "tools.repeatability": "a measurement on the real dev heads (72 heads, 2 minutes); tests/test_repeatability.py "
+                           "checks its copies",
+    "tools.check_pins": "asks the package index (the network) which Python versions each pin installs on",
     "tests/clients/setup_monailabel.sh": "builds MONAI Label's own environment (8.2 GB, minutes)",
     "tests/clients/monailabel_infer.py": "runs in MONAI Label's environment: tests/test_clients.py runs it where that exists",
 }

@@ -22,6 +22,11 @@ def structures(kind: str) -> list[tuple[int, str | None, str]]:
     return [(label, side, part) for side, labels in HEAD_LABELS.items() for part, label in zip(PARTS, labels)]
 
 
+def structure_name(side: str | None, part: str) -> str:
+    """A structure's name in volumes and QC's reasons: `anterior` in a crop, `left anterior` in a head."""
+    return f"{side} {part}" if side else part
+
+
 def case_name(path: str) -> str:
     """`<case>` of `<case>_seg.nii.gz`: the file name without its extension, or the series folder's name."""
     name = os.path.basename(os.path.normpath(path))

@@ -18,7 +18,7 @@ from scipy import ndimage
 from scripts.data.transforms import RejectInvalidImaged, image_reader
 from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.imaging import RAS_TO_LPS, sample_near, to_sitk
-from scripts.labels import HEAD_LABELS, SIDES
+from scripts.labels import HEAD_LABELS, PARTS, SIDES, structure_name
 
 
 def field_of_view_mm(path: str) -> np.ndarray:
@@ -128,7 +128,8 @@ class HeadSegmenter:
         )
 
     def __call__(self, path: str) -> dict:
-        """Segments one head; returns its eTIV, registration details and time split. Raises for a bad case."""
+        """Segments one head; returns its eTIV, each part's volume on the 1 mm boxes, registration details and time
+        split. Raises for a bad case."""
         times = {}
         start = time.perf_counter()
         image = self.checked(self.load({"image": path}, image_reader(path)))["image"]
@@ -149,13 +150,18 @@ class HeadSegmenter:
         foreground = np.zeros(image.shape[1:], dtype=np.float32)
         confident = {}  # top-class probabilities inside each box's hippocampus, as the model gave them (1 mm)
         agreement = {}
+        box_volumes = {}  # mm3 of each part on the 1 mm box grid, whatever the scan's voxels
         for side in SIDES:
             box_affine, box_shape = self._box_in_scan(registration, side)
             coverage = _coverage(np.linalg.inv(affine) @ box_affine, box_shape, labels.shape)
             if coverage < self.min_box_coverage:
                 raise HeadError(f"the {side} hippocampus box lies {100 * (1 - coverage):.0f}% outside the image")
             probabilities = self._keep_largest_piece(self._segment_box(head, box_affine, box_shape), side)
-            hippocampus = probabilities.argmax(0) > 0
+            parts = probabilities.argmax(0)
+            hippocampus = parts > 0
+            box_volumes.update(
+                {structure_name(side, part): float((parts == c).sum()) for c, part in enumerate(PARTS, 1)}
+            )
             confident[side] = probabilities.max(0)[hippocampus]
             agreement[side] = self._agreement(head, box_affine, box_shape, hippocampus)
             self._paste(probabilities, box_affine, affine, labels, foreground, HEAD_LABELS[side])
@@ -170,6 +176,7 @@ class HeadSegmenter:
             "confidence": float(np.concatenate(list(confident.values())).mean()),
             "side_confidence": {side: float(values.mean()) for side, values in confident.items()},
             "side_agreement": agreement,
+            "box_volumes_mm3": box_volumes,
             "correlation": registration.correlation,
             "scales": registration.scales.tolist(),
             **times,

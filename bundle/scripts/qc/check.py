@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scripts.imaging import nonzero_box
-from scripts.labels import PARTS, SIDES, structures
+from scripts.labels import PARTS, SIDES, structure_name, structures
 
 SIDE_PARTS = [(side, part) for side in SIDES for part in (*PARTS, "total")]  # a head's per-side volumes
 VOLUME_COLUMNS = [
@@ -36,18 +36,13 @@ def _number(text: str | None) -> float | None:
     return float(text) if text else None
 
 
-def _structure(side: str | None, part: str) -> str:
-    """The key of a structure in `CaseRow.volumes` and in QC's reasons: `anterior`, or `left anterior` in a head."""
-    return f"{side} {part}" if side else part
-
-
 @dataclass
 class CaseRow:
     """One case of the volumes table, its numbers as numbers: the tables, the report and the sidecars read it, and
     `columns` formats it once, where a file is written.
 
-    `volumes` holds mm3 per structure: `anterior` and `posterior` for a crop, `left anterior` ... `right posterior`
-    for a head. `reasons` are the QC's, failures first."""
+    `volumes` holds mm3 per structure: `anterior` and `posterior` for a crop (its mask's voxels), `left anterior` ...
+    `right posterior` for a head (its 1 mm boxes'). `reasons` are the QC's, failures first."""
 
     case: str
     kind: str
@@ -105,7 +100,7 @@ class CaseRow:
         """A row read back from a volumes table (`columns`' inverse, to the precision written)."""
         kind = columns["kind"]
         names = {
-            _structure(side, part): f"{_structure(side, part).replace(' ', '_')}_mm3"
+            structure_name(side, part): f"{structure_name(side, part).replace(' ', '_')}_mm3"
             for _, side, part in structures(kind)
         }
         signals = [side for side in SIDES if _number(columns.get(f"{side}_agreement")) is not None]
@@ -127,7 +122,8 @@ class QualityCheck:
     """The `qc` of a written mask: `pass`, `review` or `fail`, its reasons in words (`qc_reasons`, `;`-separated) and,
     for a head, `qc_score`, an estimate of its Dice (the lower of its sides' test-time agreements).
 
-    Any case is flagged for review when a label is absent, its volume lies outside the range of the training labels
+    Any case is flagged for review when its voxels are thicker than `max_slice_mm` along some axis (slices thicker
+    than the model was checked on), a label is absent, its volume lies outside the range of the training labels
     (scaled by a head's eTIV), or it is split into connected pieces. A crop is flagged for review when the model's
     mean top-class probability inside its hippocampus is below `min_confidence`. A head's side is flagged for
     review when its confidence is below `head["min_confidence"]` or its test-time agreement (`scripts.head.segmenter`) below
@@ -142,6 +138,7 @@ class QualityCheck:
             its size (crops have no eTIV and keep the ranges as they are).
         head: the heads' thresholds, `min_confidence`, `min_agreement`, `fail_agreement` and `max_asymmetry` (set
             on the failure set: `python -m tools.failure_set score`); None checks heads as crops.
+        max_slice_mm: the thickest voxels (mm, along any axis) the model's accuracy and volumes were measured on.
     """
 
     def __init__(
@@ -150,8 +147,10 @@ class QualityCheck:
         min_confidence: float,
         reference_etiv_mm3: float = 1_500_000.0,
         head: Mapping[str, float] | None = None,
+        max_slice_mm: float = 5.0,
     ) -> None:
         self.volume_range = {part: tuple(float(v) for v in volume_range[part]) for part in PARTS}
+        self.max_slice_mm = float(max_slice_mm)
         self.min_confidence = float(min_confidence)
         self.reference_etiv_mm3 = float(reference_etiv_mm3)
         self.head = {key: float(value) for key, value in (head or {}).items()}
@@ -164,19 +163,22 @@ class QualityCheck:
             labels = labels[nonzero_box(labels)]  # counting all of a head's mask took 0.1 s
         voxel = abs(float(np.linalg.det(mask.affine[:3, :3])))
         kind = "head" if head is not None or labels.max() > 2 else "crop"
-        named = {_structure(side, part): label for label, side, part in structures(kind)}
+        named = {structure_name(side, part): label for label, side, part in structures(kind)}
         counts = np.bincount(labels.ravel(), minlength=5)
+        volumes = {name: float(counts[label]) * voxel for name, label in named.items()}
+        if head is not None and "box_volumes_mm3" in head:
+            # a head's volumes as its 1 mm boxes hold them: a count of the scan's thick voxels moves with the slices'
+            # position (docs/quality_control.md, "Repeatability on clinical slices")
+            volumes = {name: float(head["box_volumes_mm3"][name]) for name in named}
         row = CaseRow(
-            case,
-            kind,
-            {name: float(counts[label]) * voxel for name, label in named.items()},
-            etiv_mm3=head["etiv_mm3"] if head is not None else None,
-            confidence=confidence,
+            case, kind, volumes, etiv_mm3=head["etiv_mm3"] if head is not None else None, confidence=confidence
         )
-        boxes = ndimage.find_objects(
-            labels
-        )  # each label's bounding box, where its pieces are counted (heads are large)
+        # each label's bounding box, where its pieces are counted (heads are large)
+        boxes = ndimage.find_objects(labels)
         review, fail = [], []
+        slice_mm = round(float(np.linalg.norm(mask.affine[:3, :3], axis=0).max()), 2)
+        if slice_mm > self.max_slice_mm:
+            review.append(f"{slice_mm:g} mm slices, thicker than the {self.max_slice_mm:g} mm checked")
         scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
         for name, label in named.items():
             low, high = (scale * v for v in self.volume_range[name.split()[-1]])
@@ -186,7 +188,8 @@ class QualityCheck:
                 continue
             if not low <= volume <= high:
                 review.append(f"{name} {volume:.0f} mm3 outside {low:.0f}-{high:.0f}")
-            pieces = ndimage.label(labels[boxes[label - 1]] == label, structure=np.ones((3, 3, 3)))[1]
+            box = boxes[label - 1] if label <= len(boxes) else None  # None: too small to reach the scan's voxels
+            pieces = ndimage.label(labels[box] == label, structure=np.ones((3, 3, 3)))[1] if box else 1
             if pieces > 1:
                 review.append(f"{name} in {pieces} pieces")
         if kind == "head" and head is not None and self.head:
