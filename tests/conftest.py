@@ -45,6 +45,22 @@ def synthetic_task(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("synthetic") / "Task04_Hippocampus"), num_cases=12)
 
 
+def template_crop(size=(40, 56, 48)):
+    """A Task04-like crop of the shipped MNI152 template around its left hippocampus (centred on inference.yaml's
+    `head#box_centers`), as a float array on the template's 1 mm grid: the shipped model segments it, where a
+    synthetic scan may give it nothing to find."""
+    import nibabel as nib
+    import numpy as np
+    import yaml
+
+    template = nib.load(os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+    with open(os.path.join(BUNDLE_DIR, "configs", "inference.yaml")) as f:
+        centre = yaml.safe_load(f)["head"]["box_centers"]["left"]
+    middle = np.rint(nib.affines.apply_affine(np.linalg.inv(template.affine), centre)).astype(int)
+    box = tuple(slice(m - n // 2, m - n // 2 + n) for m, n in zip(middle, size))
+    return np.asarray(template.dataobj, dtype=np.float32)[box]
+
+
 def copy_bundle(dest):
     shutil.copytree(BUNDLE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "output", "eval", "*.pt", "*.ts"))
     return str(dest)

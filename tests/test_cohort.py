@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_DIR
+from conftest import BUNDLE_DIR, template_crop
 from scripts import BundleError
 from dicom_series import write_dicom_series
 from test_inference import run_inference
@@ -41,7 +41,8 @@ def bids(synthetic_task, tmp_path_factory):
     for i, subject in enumerate(("sub-01", "sub-02")):
         (root / subject / "ses-1" / "anat").mkdir(parents=True)
         shutil.copy(images[i], root / subject / "ses-1" / "anat" / "T1w.nii.gz")
-    write_dicom_series(np.asarray(nib.load(images[2]).dataobj), str(root / "sub-03" / "dicom" / "t1 series"))
+    # a crop the shipped model finds a hippocampus in, so that the DICOM SEG comparison has labels to compare
+    write_dicom_series(template_crop(), str(root / "sub-03" / "dicom" / "t1 series"))
     shutil.copy(images[3], root / "top.nii.gz")
     (root / "sub-03" / "broken.nii.gz").write_bytes(b"not a NIfTI file")
     return root
