@@ -20,7 +20,7 @@ from scripts import BUNDLE_DIR
 from scripts.imaging import resample
 from scripts.labels import HEAD_LABELS, SIDES, mask_name
 from scripts.recipe import load
-from tools.head_check import configured_segmenter, segment_timed
+from tools.head_check import configured_segmenter, rigid, segment_timed
 
 RESLICED_MM = 5.0
 POSITION_SLICE_MM = 4.8
@@ -56,25 +56,14 @@ def thick_slices(image: sitk.Image, world_axis: int, slice_mm: float) -> sitk.Im
     return resample(image, spacing)
 
 
-def _rotation(angles_deg) -> np.ndarray:
-    """Rotations about the world's x, then y, then z axes."""
-    rotation = np.eye(3)
-    for axis, angle in enumerate(np.deg2rad(angles_deg)):
-        c, s = np.cos(angle), np.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        turn = np.eye(3)
-        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
-        rotation = turn @ rotation
-    return rotation
-
-
 def acquired_again(
     image: sitk.Image, turn_deg: float, tilt_deg, phase_mm: float, slice_mm: float = POSITION_SLICE_MM
 ) -> sitk.Image:
     """`image` acquired on a scanner whose axes are turned by `turn_deg` about the head's superior-inferior axis and
     tilted by `tilt_deg` (about x, y, z): sampled at 1 mm along the scanner's axes, the slice grid moved by
     `phase_mm`, then `slice_mm` sagittal slices. The header keeps the head where it is in world space."""
-    direction = _rotation([*tilt_deg[:2], tilt_deg[2] + turn_deg]) @ np.asarray(image.GetDirection()).reshape(3, 3)
+    turn = rigid([*tilt_deg[:2], tilt_deg[2] + turn_deg], np.zeros(3))[:3, :3]  # about x, then y, then z
+    direction = turn @ np.asarray(image.GetDirection()).reshape(3, 3)
     corners = np.array(
         [
             image.TransformIndexToPhysicalPoint([int(i * (n - 1)) for i, n in zip(corner, image.GetSize())])
