@@ -67,7 +67,7 @@ def write_dicom_seg(series_dir: str, mask_file: str, seg_file: str, kind: str, m
         series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer=metadata["authors"],
+        manufacturer=metadata["authors"][:64],  # a DICOM Long String holds at most 64 characters
         manufacturer_model_name=metadata["name"],
         software_versions=metadata["version"],
         device_serial_number="none",
