@@ -12,8 +12,13 @@ REAL_DATA_DIR = os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "Task0
 
 def files_under(*folders):
     """(path, modification time) of every file under `folders` (caches left out): to show that nothing was written."""
-    return {(os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
-            for folder in folders for d, _, names in os.walk(folder) if "__pycache__" not in d for f in names}
+    return {
+        (os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+        for folder in folders
+        for d, _, names in os.walk(folder)
+        if "__pycache__" not in d
+        for f in names
+    }
 
 
 # make the bundle's `scripts` package importable from tests run at the repo root
@@ -69,7 +74,10 @@ def copy_bundle(dest):
 def run_bundle(bundle_dir, *args, timeout=600):
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", *args],
-        cwd=bundle_dir, capture_output=True, text=True, timeout=timeout,
+        cwd=bundle_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -80,6 +88,16 @@ def trained_bundle(synthetic_task, tmp_path_factory):
     """A copy of the bundle with no weights, trained 2 epochs (tf recipe, the CPU data path) through the command line:
     read by the training and robustness tests."""
     bundle = copy_bundle(tmp_path_factory.mktemp("copy") / "bundle")
-    log = run_bundle(bundle, "training", "--config_file", "configs/train.yaml", "--dataset_dir", synthetic_task,
-                     "--epochs", "2", "--device_cache", "false")
+    log = run_bundle(
+        bundle,
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--dataset_dir",
+        synthetic_task,
+        "--epochs",
+        "2",
+        "--device_cache",
+        "false",
+    )
     return bundle, log

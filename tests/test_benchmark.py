@@ -25,8 +25,10 @@ def test_throughput_logger_logs_only_after_warmup(caplog):
 
     lines = [r.getMessage() for r in caplog.records if r.name == "scripts.engine.handlers"]
     assert not any("epoch 1:" in line for line in lines)
-    counted = {what: int(n) for what, n in (re.search(r"Throughput (epoch \d|run): .* over (\d+) steps", line).groups()
-                                            for line in lines)}
+    counted = {
+        what: int(n)
+        for what, n in (re.search(r"Throughput (epoch \d|run): .* over (\d+) steps", line).groups() for line in lines)
+    }
     assert counted == {"epoch 2": 2, "epoch 3": 3, "run": 5}
     for line in lines:
         img_s = float(re.search(r": ([0-9.]+) img/s", line).group(1))
@@ -69,7 +71,11 @@ def test_throughput_logger_from_config():
     """The lead wires it into train.yaml as a handler: it must build from a plain config entry."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser({"batch_size": 8, "handler": {"_target_": "scripts.engine.handlers.ThroughputLogger",
-                                                        "batch_size": "@batch_size"}})
+    parser = ConfigParser(
+        {
+            "batch_size": 8,
+            "handler": {"_target_": "scripts.engine.handlers.ThroughputLogger", "batch_size": "@batch_size"},
+        }
+    )
     handler = parser.get_parsed_content("handler")
     assert isinstance(handler, ThroughputLogger) and handler.batch_size == 8 and handler.warmup_steps == 10

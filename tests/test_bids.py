@@ -19,9 +19,11 @@ from scripts import BundleError
 from tools.head_check import make_heads
 from test_inference import run_inference
 
-SCANS = {"sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz": "template",
-         "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz": "2mm",
-         "sub-02/anat/sub-02_run-1_T1w.nii.gz": "moved0"}
+SCANS = {
+    "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz": "template",
+    "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz": "2mm",
+    "sub-02/anat/sub-02_run-1_T1w.nii.gz": "moved0",
+}
 MASKS = {scan: scan.replace("_T1w.nii.gz", "_desc-hippocampus_dseg.nii.gz") for scan in SCANS}
 
 
@@ -49,10 +51,19 @@ def bids_run(bids_dataset, tmp_path_factory):
 
 def test_bids_input_gets_a_derivatives_layout_the_validator_accepts(bids_dataset, bids_run):
     out = bids_run
-    written = sorted(os.path.relpath(p, out) for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p))
-    expected = {"dataset_description.json", "README", "desc-hippocampus_dseg.tsv", "volumes.tsv", "report.html",
-                *MASKS.values(), *(m.replace(".nii.gz", ".json") for m in MASKS.values()),
-                *(f"{m.split('/')[0]}/figures/{os.path.basename(m).replace('.nii.gz', '.png')}" for m in MASKS.values())}
+    written = sorted(
+        os.path.relpath(p, out) for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)
+    )
+    expected = {
+        "dataset_description.json",
+        "README",
+        "desc-hippocampus_dseg.tsv",
+        "volumes.tsv",
+        "report.html",
+        *MASKS.values(),
+        *(m.replace(".nii.gz", ".json") for m in MASKS.values()),
+        *(f"{m.split('/')[0]}/figures/{os.path.basename(m).replace('.nii.gz', '.png')}" for m in MASKS.values()),
+    }
     assert set(written) == expected
     assert os.path.isfile(out / ".bidsignore")
     for scan, mask in MASKS.items():
@@ -70,7 +81,12 @@ def test_bids_input_gets_a_derivatives_layout_the_validator_accepts(bids_dataset
     assert sidecar["Registration"]["MutualInformation"] > 0.25
     with open(out / "desc-hippocampus_dseg.tsv") as f:
         look_up = list(csv.DictReader(f, delimiter="\t"))
-    assert [(row["index"], row["abbreviation"]) for row in look_up] == [("1", "LHA"), ("2", "LHP"), ("3", "RHA"), ("4", "RHP")]
+    assert [(row["index"], row["abbreviation"]) for row in look_up] == [
+        ("1", "LHA"),
+        ("2", "LHP"),
+        ("3", "RHA"),
+        ("4", "RHP"),
+    ]
 
     validator = shutil.which("bids-validator-deno", path=os.path.dirname(sys.executable))
     result = subprocess.run([validator, str(out), "--format", "json"], capture_output=True, text=True, timeout=300)
@@ -85,11 +101,15 @@ def test_volumes_tsv_has_participants_sessions_and_etiv_fractions(bids_run):
         rows = {row["case"]: row for row in csv.DictReader(f, delimiter="\t")}
     assert sorted(rows) == sorted(SCANS)
     assert [(rows[s]["participant_id"], rows[s]["session_id"]) for s in sorted(SCANS)] == [
-        ("sub-01", "ses-1"), ("sub-01", "ses-2"), ("sub-02", "n/a")]
+        ("sub-01", "ses-1"),
+        ("sub-01", "ses-2"),
+        ("sub-02", "n/a"),
+    ]
     for row in rows.values():
         for side in ("left", "right"):
             assert float(row[f"{side}_total_etiv_fraction"]) == pytest.approx(
-                float(row[f"{side}_total_mm3"]) / float(row["etiv_mm3"]), rel=1e-4)
+                float(row[f"{side}_total_mm3"]) / float(row["etiv_mm3"]), rel=1e-4
+            )
         assert row["qc"] in ("pass", "review", "fail")
 
 
@@ -97,7 +117,9 @@ def test_participant_and_session_labels_select_scans(bids_dataset, tmp_path):
     from scripts.inference.inputs import Inputs
 
     def chosen(**labels):
-        return sorted(os.path.relpath(p, bids_dataset) for p in Inputs(str(bids_dataset), str(tmp_path), **labels).paths)
+        return sorted(
+            os.path.relpath(p, bids_dataset) for p in Inputs(str(bids_dataset), str(tmp_path), **labels).paths
+        )
 
     assert chosen(participant_label="02") == ["sub-02/anat/sub-02_run-1_T1w.nii.gz"]
     assert chosen(participant_label="01 sub-02") == sorted(SCANS)
@@ -133,7 +155,9 @@ def test_a_single_scan_is_an_input(synthetic_task, bids_dataset, tmp_path):
 def test_bids_layout_needs_bids_names(synthetic_task, tmp_path):
     crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
     result = run_inference(crop, tmp_path / "out", "--output_layout", "bids")
-    assert result.returncode != 0 and "is not a BIDS T1w file name" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode != 0 and "is not a BIDS T1w file name" in result.stderr and "Traceback" not in result.stderr
+    )
     result = run_inference(os.path.dirname(crop), tmp_path / "out", "--participant_label", "01")
     assert result.returncode != 0 and "select in a BIDS dataset" in result.stderr
 
@@ -150,11 +174,25 @@ MEASURE = """<script>window.addEventListener("load", () => {
 
 
 def chromium(*args):
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--window-size=1280,1600", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,1600",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian's package, installed by .ci/run): the report is not rendered")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium (Debian's package, installed by .ci/run): the report is not rendered"
+)
 def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_run, tmp_path):
     """The run's own table with one case marked for review and one failure, rendered by Chromium: the flagged row,
     its picture, and both plots with the flagged case in red are on the screen."""
@@ -165,8 +203,10 @@ def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_r
     from scripts.qc.check import CaseRow
 
     with open(bids_run / "volumes.tsv", newline="") as f:
-        rows = [CaseRow.from_columns({k: "" if v == "n/a" else v for k, v in row.items()})
-                for row in csv.DictReader(f, delimiter="\t")]
+        rows = [
+            CaseRow.from_columns({k: "" if v == "n/a" else v for k, v in row.items()})
+            for row in csv.DictReader(f, delimiter="\t")
+        ]
     for row in rows:
         row.qc, row.reasons = "pass", []
     flagged = rows[1].case
@@ -179,12 +219,14 @@ def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_r
     report = tmp_path / "report.html"
     write_report(str(report), rows, [("sub-03/anat/sub-03_T1w.nii.gz", "ValueError: noise")], pictures, "test")
     page = report.read_text()
-    assert not re.search(r"(src|href)=[\"']?https?:|url\((?!#)|@import", page)  # nothing to fetch: one self-contained file
+    assert not re.search(
+        r"(src|href)=[\"']?https?:|url\((?!#)|@import", page
+    )  # nothing to fetch: one self-contained file
     measured = tmp_path / "measured.html"
     measured.write_text(page.replace("</body>", MEASURE + "</body>"))
     dom = chromium("--virtual-time-budget=5000", "--dump-dom", f"file://{measured}").stdout
     layout = json.loads(re.search(r"<pre id=\"measured\">(.*?)</pre>", dom).group(1))
-    (name, (left, top, right, bottom), picture_width), = layout["flagged"]
+    ((name, (left, top, right, bottom), picture_width),) = layout["flagged"]
     assert name == flagged and picture_width > 100
     assert len(layout["plots"]) == 2
     shot = tmp_path / "shot.png"
@@ -193,7 +235,7 @@ def test_report_shows_the_flagged_case_first_and_both_plots(bids_dataset, bids_r
 
     def pixels_of(box, colour, tolerance=60):
         l, t, r, b = box
-        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
         return int((np.abs(pixels[t:b, l:r] - rgb).sum(-1) < tolerance).sum())
 
     assert bottom < pixels.shape[0], "the flagged row is below the first screen"

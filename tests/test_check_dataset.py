@@ -184,7 +184,10 @@ def test_skip_bad_cases_with_no_good_case_left(task):
 def _cli(dataset_dir):
     return subprocess.run(
         [sys.executable, "-m", "scripts.data.check_dataset", "--dataset_dir", dataset_dir],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120,
+        cwd=BUNDLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -218,7 +221,13 @@ def test_missing_or_invalid_dataset_json(task, tmp_path):
         check_dataset(task)
 
     with open(os.path.join(task, "dataset.json"), "w") as f:
-        json.dump({"training": [{"image": "./imagesTr/hippocampus_001.nii.gz",
-                                 "label": "./labelsTr/hippocampus_001.nii.gz"}]}, f)
+        json.dump(
+            {
+                "training": [
+                    {"image": "./imagesTr/hippocampus_001.nii.gz", "label": "./labelsTr/hippocampus_001.nii.gz"}
+                ]
+            },
+            f,
+        )
     with pytest.raises(BadDatasetError, match="no 'labels' entry"):
         check_dataset(task)

@@ -25,8 +25,10 @@ CONFIGS = os.path.join(BUNDLE_DIR, "configs")
 TEMPLATE = os.path.join(BUNDLE_DIR, "atlas", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 MONAI_LABEL_PYTHON = os.path.join(REPO_DIR, ".venv-monailabel", "bin", "python")
 # each inference chain and the training chain of its recipe
-RECIPES = {"native": (["inference.yaml"], ["train.yaml", "train_native.yaml"]),
-           "tf": (["inference.yaml", "inference_tf.yaml"], ["train.yaml"])}
+RECIPES = {
+    "native": (["inference.yaml"], ["train.yaml", "train_native.yaml"]),
+    "tf": (["inference.yaml", "inference_tf.yaml"], ["train.yaml"]),
+}
 # bf16 autocast against fp32 (assert_within_bf16_rounding). On 9 Task04 crops, each at 1 and 2 threads, bf16 moved at
 # most 7 voxels, each where fp32's two highest probabilities were within 0.013, and no label's Dice fell below 0.9986
 # (AMD EPYC, bf16 emulated). The bounds leave about 4x and 3x that room; a pipeline drift moves whole boundary layers
@@ -53,23 +55,52 @@ def crop(tmp_path_factory):
     template = nib.load(TEMPLATE)
     centre = (np.linalg.inv(template.affine) @ [-26.7, -22.2, -14.8, 1])[:3]
     start = np.round(centre - [18, 26, 20]).astype(int)
-    data = np.asarray(template.dataobj, dtype=np.float32)[start[0]:start[0] + 36, start[1]:start[1] + 52,
-                                                           start[2]:start[2] + 40]
+    data = np.asarray(template.dataobj, dtype=np.float32)[
+        start[0] : start[0] + 36, start[1] : start[1] + 52, start[2] : start[2] + 40
+    ]
     affine = template.affine.copy()
     affine[:3, 3] = (template.affine @ [start[0] + 35, start[1], start[2], 1])[:3]
     affine[:3, 0] *= -1  # x runs right to left: the bundle reorients and must map the mask back
     path = str(folder / "crop.nii.gz")
     nib.save(nib.Nifti1Image(data[::-1].copy(), affine), path)
     masks = {}
-    runs = [("pt", "configs/inference.yaml", "false", None),
-            ("ts", "['configs/inference.yaml','configs/inference_ts.yaml']", "false", None)]
+    runs = [
+        ("pt", "configs/inference.yaml", "false", None),
+        ("ts", "['configs/inference.yaml','configs/inference_ts.yaml']", "false", None),
+    ]
     if amp.cpu_has_native_bf16():
-        runs.append(("pt_bf16", "configs/inference.yaml", "true",
-                     {**os.environ, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}))
+        runs.append(
+            (
+                "pt_bf16",
+                "configs/inference.yaml",
+                "true",
+                {**os.environ, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},
+            )
+        )
     for name, configs, bf16, env in runs:
-        result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir",
-                                 path, "--output_dir", str(folder / name), "--report", "false", "--cpu_bf16", bf16],
-                                cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                configs,
+                "--dataset_dir",
+                path,
+                "--output_dir",
+                str(folder / name),
+                "--report",
+                "false",
+                "--cpu_bf16",
+                bf16,
+            ],
+            cwd=BUNDLE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         masks[name] = np.asarray(nib.load(str(folder / name / "crop_seg.nii.gz")).dataobj)
         assert set(np.unique(masks[name])) == {0, 1, 2}  # both parts found, so equal masks mean something
@@ -146,8 +177,14 @@ def monai_deploy_mask(image: str, cpu_bf16: bool = False) -> np.ndarray:
 
     network = torch.jit.load(os.path.join(BUNDLE_DIR, "models", "model.ts"), map_location=device).eval()
     scan = nib.load(image)
-    meta = {"affine": torch.as_tensor(scan.affine), "original_affine": scan.affine, "space": "RAS",
-            "spatial_shape": np.asarray(scan.shape), "original_channel_dim": "no_channel", "filename_or_obj": image}
+    meta = {
+        "affine": torch.as_tensor(scan.affine),
+        "original_affine": scan.affine,
+        "space": "RAS",
+        "spatial_shape": np.asarray(scan.shape),
+        "original_channel_dim": "no_channel",
+        "filename_or_obj": image,
+    }
     inputs = {"image": MetaTensor(torch.as_tensor(np.asarray(scan.dataobj)), meta=meta)}
     for transform in without_io("preprocessing"):
         inputs = transform(inputs)
@@ -202,16 +239,30 @@ def test_metadata_names_what_the_clients_read():
     parser = parse(["inference.yaml"])
     keys = {key for t in parser.get_parsed_content("preprocessing").transforms for key in t.keys}
     assert keys == {"image"}
-    assert [t.keys for t in parser.get_parsed_content("postprocessing").transforms if hasattr(t, "keys")][0] == ("pred",)
+    assert [t.keys for t in parser.get_parsed_content("postprocessing").transforms if hasattr(t, "keys")][0] == (
+        "pred",
+    )
 
 
-@pytest.mark.skipif(not os.path.exists(MONAI_LABEL_PYTHON),
-                    reason="MONAI Label's own environment is absent (bash tests/clients/setup_monailabel.sh)")
+@pytest.mark.skipif(
+    not os.path.exists(MONAI_LABEL_PYTHON),
+    reason="MONAI Label's own environment is absent (bash tests/clients/setup_monailabel.sh)",
+)
 def test_real_monai_label_gives_the_command_line_mask(crop, tmp_path):
     image, masks = crop
-    result = subprocess.run([MONAI_LABEL_PYTHON, os.path.join(REPO_DIR, "tests", "clients", "monailabel_infer.py"),
-                             BUNDLE_DIR, image, str(tmp_path / "label.nii.gz")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            MONAI_LABEL_PYTHON,
+            os.path.join(REPO_DIR, "tests", "clients", "monailabel_infer.py"),
+            BUNDLE_DIR,
+            image,
+            str(tmp_path / "label.nii.gz"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["labels"] == {"anterior": 1, "posterior": 2}
     label = nib.load(str(tmp_path / "label.nii.gz"))
@@ -238,8 +289,9 @@ def test_inference_ids_equal_the_recipe_training_chain(recipe, synthetic_task):
     theirs = training.get_parsed_content("preprocessing")({"image": image})
     assert torch.equal(ours["image"], theirs["image"])
     assert torch.allclose(ours["image"].affine, theirs["image"].affine)
-    assert ([op["class"] for op in ours["image"].applied_operations]
-            == [op["class"] for op in theirs["image"].applied_operations])
+    assert [op["class"] for op in ours["image"].applied_operations] == [
+        op["class"] for op in theirs["image"].applied_operations
+    ]
 
     network.eval()
     with torch.no_grad():
@@ -267,6 +319,11 @@ def test_a_whole_head_given_to_a_client_is_refused_by_name(tmp_path):
     """MONAI Label and Deploy run the crop pipeline alone: a whole head gets a reason, never a crop's mask of it."""
     template = nib.load(TEMPLATE)
     head = str(tmp_path / "head.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32)[::2, ::2, ::2], template.affine @ np.diag([2, 2, 2, 1])), head)
+    nib.save(
+        nib.Nifti1Image(
+            np.asarray(template.dataobj, dtype=np.float32)[::2, ::2, ::2], template.affine @ np.diag([2, 2, 2, 1])
+        ),
+        head,
+    )
     with pytest.raises(Exception, match="no hippocampus crop.*command line"):
         monai_label_mask(head, "cpu")

@@ -26,9 +26,27 @@ def read_volumes(folder):
 
 def run_sharded(input_dir, output_dir, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-         "run", "--config_file", SHARDED, "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), *extra],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            SHARDED,
+            "--dataset_dir",
+            str(input_dir),
+            "--output_dir",
+            str(output_dir),
+            *extra,
+        ],
+        cwd=BUNDLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -48,14 +66,25 @@ def bids(synthetic_task, tmp_path_factory):
     return root
 
 
-EXPECTED_MASKS = ["sub-01/ses-1/anat/T1w_seg.nii.gz", "sub-02/ses-1/anat/T1w_seg.nii.gz",
-                  "sub-03/dicom/t1 series_seg.nii.gz", "top_seg.nii.gz"]
-EXPECTED_CASES = ["sub-01/ses-1/anat/T1w.nii.gz", "sub-02/ses-1/anat/T1w.nii.gz", "sub-03/dicom/t1 series", "top.nii.gz"]
+EXPECTED_MASKS = [
+    "sub-01/ses-1/anat/T1w_seg.nii.gz",
+    "sub-02/ses-1/anat/T1w_seg.nii.gz",
+    "sub-03/dicom/t1 series_seg.nii.gz",
+    "top_seg.nii.gz",
+]
+EXPECTED_CASES = [
+    "sub-01/ses-1/anat/T1w.nii.gz",
+    "sub-02/ses-1/anat/T1w.nii.gz",
+    "sub-03/dicom/t1 series",
+    "top.nii.gz",
+]
 
 
 def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_path):
     out = tmp_path / "out"
-    result = run_sharded(bids, out, "--recursive", "true", "--qc_png", "true", "--num_workers", "1", "--dicom_seg", "true")
+    result = run_sharded(
+        bids, out, "--recursive", "true", "--qc_png", "true", "--num_workers", "1", "--dicom_seg", "true"
+    )
     log = result.stdout + result.stderr
     assert result.returncode != 0  # the broken file
     assert log.count("Inference finished: 4 written, 1 failed") == 1, log[-4000:]  # one summary for both processes
@@ -73,7 +102,9 @@ def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_pat
         assert float(rows[case]["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, abs=0.5)
         confidence = rows[case]["confidence"]  # empty when nothing was segmented
         assert rows[case]["qc"] in ("pass", "review") and (confidence == "" or 0 < float(confidence) <= 1)
-    pictures = sorted(os.path.relpath(p, out / "qc") for p in glob.glob(str(out / "qc" / "**" / "*.png"), recursive=True))
+    pictures = sorted(
+        os.path.relpath(p, out / "qc") for p in glob.glob(str(out / "qc" / "**" / "*.png"), recursive=True)
+    )
     assert pictures == sorted(m.replace("_seg.nii.gz", ".png") for m in EXPECTED_MASKS)
     assert all(os.path.getsize(out / "qc" / p) > 5000 for p in pictures)
 
@@ -101,8 +132,9 @@ def assert_dicom_seg_matches_mask(series, seg_base):
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "5366008"  # SCT hippocampus
     assert seg.SoftwareVersions == json_version()
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sorted(series.iterdir())]
-    frames = seg.get_pixels_by_source_instance([s.SOPInstanceUID for s in sources], combine_segments=True,
-                                               ignore_spatial_locations=True)
+    frames = seg.get_pixels_by_source_instance(
+        [s.SOPInstanceUID for s in sources], combine_segments=True, ignore_spatial_locations=True
+    )
     mask = nib.load(f"{seg_base}.nii.gz")
     labels = np.asarray(mask.dataobj)
     to_voxel = np.linalg.inv(mask.affine)
@@ -111,7 +143,11 @@ def assert_dicom_seg_matches_mask(series, seg_base):
         rows, cols = np.nonzero(np.ones_like(frame))
         x, y = np.array(source.ImageOrientationPatient[:3], float), np.array(source.ImageOrientationPatient[3:], float)
         row_spacing, col_spacing = map(float, source.PixelSpacing)
-        lps = np.array(source.ImagePositionPatient, float) + np.outer(cols * col_spacing, x) + np.outer(rows * row_spacing, y)
+        lps = (
+            np.array(source.ImagePositionPatient, float)
+            + np.outer(cols * col_spacing, x)
+            + np.outer(rows * row_spacing, y)
+        )
         voxels = np.rint(nib.affines.apply_affine(to_voxel, lps * [-1, -1, 1])).astype(int)
         np.testing.assert_array_equal(labels[voxels[:, 0], voxels[:, 1], voxels[:, 2]], frame[rows, cols])
 
@@ -133,7 +169,10 @@ def test_flat_run_ignores_sub_folders_and_empty_input_is_an_error(bids, tmp_path
     (empty / "sub").mkdir(parents=True)
     result = run_inference(empty, tmp_path / "out2")
     assert result.returncode != 0
-    assert "No NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series to segment" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "No NIfTI, FreeSurfer (.mgz, .mgh) files or DICOM series to segment" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def write_mask(path, labels, spacing=1.0):
@@ -197,14 +236,22 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
     assert (columns["left_confidence"], columns["right_agreement"]) == ("0.9300", "0.9000")
     review = row({"left": 0.93, "right": 0.85}, {"left": 0.95, "right": 0.8})
     assert review.qc == "review" and review.qc_reasons == (
-        "right hippocampus: test-time augmentations agree at 0.80; right hippocampus: confidence 0.850")
+        "right hippocampus: test-time augmentations agree at 0.80; right hippocampus: confidence 0.850"
+    )
     failed = row({"left": 0.93, "right": 0.94}, {"left": 0.55, "right": 0.9})
     assert failed.qc == "fail" and failed.columns()["qc_score"] == "0.550"
     assert failed.qc_reasons == "left hippocampus: test-time augmentations agree at 0.55"
 
     rng = np.random.default_rng(0)
-    cohort = [CaseRow(f"{i}", "head", {"left anterior": 3500 + rng.normal(0, 100),
-                                       "right anterior": 3600 + rng.normal(0, 100)}, etiv_mm3=1.5e6) for i in range(20)]
+    cohort = [
+        CaseRow(
+            f"{i}",
+            "head",
+            {"left anterior": 3500 + rng.normal(0, 100), "right anterior": 3600 + rng.normal(0, 100)},
+            etiv_mm3=1.5e6,
+        )
+        for i in range(20)
+    ]
     cohort[7].volumes["left anterior"] = 2200.0
     flag_cohort_outliers(cohort[:19])  # fewer than 20 heads: no cohort
     assert all(r.qc == "pass" for r in cohort)

@@ -46,9 +46,15 @@ def config_ids(config, prefix=""):
 
 @pytest.mark.parametrize(
     "configs",
-    [("train.yaml",), ("train.yaml", "train_native.yaml"), ("train.yaml", "evaluate.yaml"),
-     ("train.yaml", "train_native.yaml", "dev_split.yaml"),
-     ("inference.yaml",), ("inference.yaml", "inference_tf.yaml"), ("inference.yaml", "inference_ts.yaml")],
+    [
+        ("train.yaml",),
+        ("train.yaml", "train_native.yaml"),
+        ("train.yaml", "evaluate.yaml"),
+        ("train.yaml", "train_native.yaml", "dev_split.yaml"),
+        ("inference.yaml",),
+        ("inference.yaml", "inference_tf.yaml"),
+        ("inference.yaml", "inference_ts.yaml"),
+    ],
 )
 def test_every_config_id_resolves(configs, synthetic_task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # every file is found from bundle_root, whatever the working directory
@@ -106,8 +112,10 @@ def test_dev_split_never_uses_the_validation_cases(synthetic_task, tmp_path):
 def test_folds_validate_every_case_once(synthetic_task, tmp_path):
     """configs/fold.yaml: the folds' validation parts cover every labelled case exactly once, each fold trains on
     the rest, and each fold has its own weights."""
-    folds = [parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml", "fold.yaml"), fold=k)
-             for k in range(5)]
+    folds = [
+        parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml", "fold.yaml"), fold=k)
+        for k in range(5)
+    ]
     splits = [parser.get_parsed_content("split") for parser in folds]
     images = lambda cases: sorted(c["image"] for c in cases)  # noqa: E731
     everything = images(load_training_list(synthetic_task))
@@ -167,7 +175,9 @@ def test_the_data_path_follows_the_device(device_cache, synthetic_task, tmp_path
     from monai.data import ThreadDataLoader
     from monai.transforms import ToDeviced
 
-    parser = parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), device_cache=device_cache)
+    parser = parse_train_config(
+        synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), device_cache=device_cache
+    )
     on_device = device_cache == "true"
     assert isinstance(parser.get_parsed_content("train#dataloader"), ThreadDataLoader) == on_device
     transforms = parser.get_parsed_content("train#preprocessing").transforms
@@ -187,9 +197,10 @@ def test_network_weights_follow_channels_last(channels_last, synthetic_task, tmp
     from scripts.networks.vnet import VNet
 
     layout = torch.channels_last_3d if channels_last == "true" else torch.contiguous_format
-    training = parse_train_config(synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), channels_last=channels_last)
-    inference = parse_train_config(synthetic_task, tmp_path, ("inference.yaml",),
-                                   channels_last=channels_last)
+    training = parse_train_config(
+        synthetic_task, tmp_path, ("train.yaml", "train_native.yaml"), channels_last=channels_last
+    )
+    inference = parse_train_config(synthetic_task, tmp_path, ("inference.yaml",), channels_last=channels_last)
     image = torch.randn(1, 1, 24, 32, 24)
     for parser in (training, inference):
         network = parser.get_parsed_content("network").eval()

@@ -83,7 +83,9 @@ def test_deterministic(synth_dir, tmp_path):
     rel_lab = "labelsTr/hippocampus_001.nii.gz"
     a, b, c = (_load(d, rel) for d in (synth_dir, same, other))
     np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
-    np.testing.assert_array_equal(np.asarray(_load(synth_dir, rel_lab).dataobj), np.asarray(_load(same, rel_lab).dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(_load(synth_dir, rel_lab).dataobj), np.asarray(_load(same, rel_lab).dataobj)
+    )
     with open(os.path.join(synth_dir, rel), "rb") as f1, open(os.path.join(same, rel), "rb") as f2:
         assert f1.read() == f2.read()
     assert a.shape != c.shape or not np.array_equal(a.get_fdata(), c.get_fdata())
@@ -93,7 +95,10 @@ def test_cli(tmp_path):
     out = tmp_path / "cli"
     res = subprocess.run(
         [sys.executable, "-m", "scripts.data.synthetic", "--output_dir", str(out), "--num_cases", "3", "--seed", "5"],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=60,
+        cwd=BUNDLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     with open(out / "dataset.json") as f:

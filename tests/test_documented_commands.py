@@ -18,9 +18,15 @@ import pytest
 
 from conftest import BUNDLE_DIR, REPO_DIR, files_under
 
-DOCS = ("README.md", "bundle/docs/README.md",  # the card, then the files it links to
-        *sorted(os.path.relpath(doc, REPO_DIR) for doc in glob.glob(os.path.join(REPO_DIR, "bundle", "docs", "*.md"))
-                if os.path.basename(doc) != "README.md"))
+DOCS = (
+    "README.md",
+    "bundle/docs/README.md",  # the card, then the files it links to
+    *sorted(
+        os.path.relpath(doc, REPO_DIR)
+        for doc in glob.glob(os.path.join(REPO_DIR, "bundle", "docs", "*.md"))
+        if os.path.basename(doc) != "README.md"
+    ),
+)
 NOT_RUN = {
     "cd bundle": "every command runs in (a copy of) the bundle folder",
     "bash demo.sh": "the set-up-and-run command itself: it installs the environment these tests run in",
@@ -31,9 +37,9 @@ NOT_RUN = {
     "--nnodes=2": "needs two machines",
     "tools.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
     "tools.failure_set": "a measurement on the real dev heads (150 heads, about 15 minutes); tests/test_failure_set.py "
-                           "checks its copies",
+    "checks its copies",
     "tools.repeatability": "a measurement on the real dev heads (72 heads, 2 minutes); tests/test_repeatability.py "
-                           "checks its copies",
+    "checks its copies",
     "tools.check_pins": "asks the package index (the network) which Python versions each pin installs on",
     "tests/clients/setup_monailabel.sh": "builds MONAI Label's own environment (8.2 GB, minutes)",
     "tests/clients/monailabel_infer.py": "runs in MONAI Label's environment: tests/test_clients.py runs it where that exists",
@@ -46,8 +52,16 @@ SHORTER = {
     "tools.report_timing": {"--cases": "3"},
 }
 # shortened through the environment
-SHORTER_ENV = {"scripts/engine/gpu_benchmark.sh": {"STEPS": "2", "WARMUP": "1", "EPOCHS": "0", "BATCH": "2", "WORKERS": "0",
-                                            "RECIPES": "native"}}
+SHORTER_ENV = {
+    "scripts/engine/gpu_benchmark.sh": {
+        "STEPS": "2",
+        "WARMUP": "1",
+        "EPOCHS": "0",
+        "BATCH": "2",
+        "WORKERS": "0",
+        "RECIPES": "native",
+    }
+}
 
 
 def fenced_commands(text):
@@ -115,9 +129,22 @@ COMMANDS = documented_commands()
 
 def test_the_docs_hold_the_commands_users_need():
     text = "\n".join(command for _, command in COMMANDS)
-    for needed in ("run training", "--resume true", "run evaluating", "multi_gpu_train.yaml", "multi_gpu_evaluate.yaml",
-                   "multi_gpu_inference.yaml", "inference_tf.yaml", "inference_ts.yaml", "ckpt_export", "onnx_export",
-                   "verify_net_in_out", "verify_metadata", "tools.package", "monai.bundle download --name"):
+    for needed in (
+        "run training",
+        "--resume true",
+        "run evaluating",
+        "multi_gpu_train.yaml",
+        "multi_gpu_evaluate.yaml",
+        "multi_gpu_inference.yaml",
+        "inference_tf.yaml",
+        "inference_ts.yaml",
+        "ckpt_export",
+        "onnx_export",
+        "verify_net_in_out",
+        "verify_metadata",
+        "tools.package",
+        "monai.bundle download --name",
+    ):
         assert needed in text, needed
 
 
@@ -138,16 +165,31 @@ def workspace(tmp_path_factory, synthetic_task):
     (root / "schema").mkdir()
     if os.path.isfile(schema):
         shutil.copy(schema, root / "schema")
-    return {"root": root, "bundle": bundle, "task": synthetic_task, "scans": scans, "outputs": [],
-            "case": os.path.basename(sorted(glob.glob(str(scans / "*.nii.gz")))[0])[: -len(".nii.gz")],
-            "zip": None, "schema": os.path.isfile(schema)}
+    return {
+        "root": root,
+        "bundle": bundle,
+        "task": synthetic_task,
+        "scans": scans,
+        "outputs": [],
+        "case": os.path.basename(sorted(glob.glob(str(scans / "*.nii.gz")))[0])[: -len(".nii.gz")],
+        "zip": None,
+        "schema": os.path.isfile(schema),
+    }
 
 
 def placeholders(ws, out):
-    return {"/data/Task04_Hippocampus": ws["task"], "D": ws["task"],
-            "IN": str(ws["scans"]), "COHORT": str(ws["scans"]), "BIDS": str(ws["root"] / "bids"), "OUT": out,
-            "SCHEMA_DIR": str(ws["root"] / "schema"), "/path/to/the.zip": str(ws["zip"]),
-            "OUT_DIR": str(ws["root"] / "gpu_benchmark"), "DATASET_DIR": ws["task"]}
+    return {
+        "/data/Task04_Hippocampus": ws["task"],
+        "D": ws["task"],
+        "IN": str(ws["scans"]),
+        "COHORT": str(ws["scans"]),
+        "BIDS": str(ws["root"] / "bids"),
+        "OUT": out,
+        "SCHEMA_DIR": str(ws["root"] / "schema"),
+        "/path/to/the.zip": str(ws["zip"]),
+        "OUT_DIR": str(ws["root"] / "gpu_benchmark"),
+        "DATASET_DIR": ws["task"],
+    }
 
 
 def concrete(command, ws, out):
@@ -158,7 +200,7 @@ def concrete(command, ws, out):
     for word in words:
         for name, value in names.items():
             if word == name or word.startswith(name + "/"):
-                word = value + word[len(name):]
+                word = value + word[len(name) :]
                 break
             if word.startswith("file://" + name):
                 word = "file://" + value
@@ -173,7 +215,11 @@ def concrete(command, ws, out):
                     filled += [flag, value]
     if "--resume" in filled:
         filled[filled.index("--epochs") + 1] = "2"  # one epoch more than the run it resumes
-    program = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"], "bash": ["bash"]}
+    program = {
+        "python": [sys.executable],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+        "bash": ["bash"],
+    }
     return program[filled[0]] + filled[1:]
 
 
@@ -185,14 +231,20 @@ def test_documented_command_runs(where, command, workspace):
     if "verify_metadata" in command and not workspace["schema"]:
         pytest.skip("../shared/monai/meta_schema_20240725.json is absent (verify_metadata would download it)")
     writes_masks = "monai.bundle run" in command and "inference" in command
-    out = str(workspace["root"] / f"out{len(workspace['outputs'])}") if writes_masks or not workspace["outputs"] \
+    out = (
+        str(workspace["root"] / f"out{len(workspace['outputs'])}")
+        if writes_masks or not workspace["outputs"]
         else workspace["outputs"][-1]
+    )
     if writes_masks:
         workspace["outputs"].append(out)
     words = concrete(command, workspace, out)
     before = files_under(workspace["bundle"] / "models", workspace["bundle"] / "output")
-    env = dict(os.environ, PYTHONPATH=str(workspace["bundle"]), PATH=os.path.dirname(sys.executable) + os.pathsep
-               + os.environ["PATH"])  # `python` in a shell script is this one
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(workspace["bundle"]),
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    )  # `python` in a shell script is this one
     for pattern, variables in SHORTER_ENV.items():
         if pattern in command:
             env.update(variables)
@@ -225,15 +277,26 @@ def check_benchmark_results(command, words, ws, log, before):
     """The benchmark's JSON records (no speed asserted), and nothing written into the bundle."""
     if "gpu_benchmark.sh" in command:
         out = words[words.index("scripts/engine/gpu_benchmark.sh") + 1]
-        results = {mode: json.load(open(os.path.join(out, f"native_{mode}_workers0.json"))) for mode in ("train", "predict")}
+        results = {
+            mode: json.load(open(os.path.join(out, f"native_{mode}_workers0.json"))) for mode in ("train", "predict")
+        }
         assert "| native | train | 0 |" in log, log[-2000:]  # its full training: the training commands above
     else:
         results = {"train": json.load(open(ws["bundle"] / words[words.index("--output_json") + 1]))}
-        assert "efficiency (pipeline / model only)" in log and files_under(ws["bundle"] / "models", ws["bundle"] / "output") == before
+        assert (
+            "efficiency (pipeline / model only)" in log
+            and files_under(ws["bundle"] / "models", ws["bundle"] / "output") == before
+        )
     for mode, result in results.items():
         assert result["mode"] == mode and result["steps"] == 2 and result["warmup_steps"] == 1
-        for key in ("pipeline_img_per_s", "model_only_img_per_s", "efficiency", "pipeline_ms_per_step",
-                    "model_only_channels_last_img_per_s", "model_only_contiguous_img_per_s"):
+        for key in (
+            "pipeline_img_per_s",
+            "model_only_img_per_s",
+            "efficiency",
+            "pipeline_ms_per_step",
+            "model_only_channels_last_img_per_s",
+            "model_only_contiguous_img_per_s",
+        ):
             assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
         assert result["efficiency"] == pytest.approx(result["pipeline_img_per_s"] / result["model_only_img_per_s"])
         assert 0 < result["pipeline_data_ms_per_step"] < result["pipeline_ms_per_step"]
@@ -241,7 +304,10 @@ def check_benchmark_results(command, words, ws, log, before):
         assert result["channels_last"] is True
         assert result["model_only_img_per_s"] == result["model_only_channels_last_img_per_s"]
         latencies = [result.get(key) for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99")]
-        assert (latencies == sorted(latencies) and all(v > 0 for v in latencies)) if mode == "predict" else \
-            latencies == [None] * 3
+        assert (
+            (latencies == sorted(latencies) and all(v > 0 for v in latencies))
+            if mode == "predict"
+            else latencies == [None] * 3
+        )
         if "DATASET_DIR" in command and mode == "train":
             assert 0 < result["epoch_s"] < result["epoch_with_validation_s"]

@@ -19,8 +19,14 @@ from scripts.engine.handlers import CaseMetricsReport
 from scripts.qc.calibration import dice
 from scripts.recipe import load
 
-EXPORT_ARGS = ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
-               "--config_file", "configs/inference.yaml"]
+EXPORT_ARGS = [
+    "--ckpt_file",
+    "models/model.pt",
+    "--meta_file",
+    "configs/metadata.json",
+    "--config_file",
+    "configs/inference.yaml",
+]
 
 
 def bundle_command(*args):
@@ -58,8 +64,17 @@ def test_onnx_export_matches_pytorch(shipped_network, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     path = str(tmp_path / "model.onnx")
-    bundle_command("onnx_export", "network_def", "--filepath", path, *EXPORT_ARGS,
-                   "--input_shape", "[1, 1, 32, 32, 32]", "--use_trace", "true")
+    bundle_command(
+        "onnx_export",
+        "network_def",
+        "--filepath",
+        path,
+        *EXPORT_ARGS,
+        "--input_shape",
+        "[1, 1, 32, 32, 32]",
+        "--use_trace",
+        "true",
+    )
     x = torch.randn(1, 1, 32, 32, 32)
     session = ort.InferenceSession(path)
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -77,8 +92,12 @@ def test_case_metrics_for_a_perfect_prediction(tmp_path):
     label[12:16, 6:18, 4:10] = 2
     affine = torch.diag(torch.tensor([0.8, 1.0, 1.5, 1.0]))
     label_meta = MetaTensor(_one_hot(label), affine=affine, meta={"filename_or_obj": "/data/case_7.nii.gz"})
-    item = {"pred": label_meta.clone(), "label": label_meta, "resized_pred": 100 * _one_hot(label),  # logits
-            "resized_label": label[None]}
+    item = {
+        "pred": label_meta.clone(),
+        "label": label_meta,
+        "resized_pred": 100 * _one_hot(label),  # logits
+        "resized_label": label[None],
+    }
     report = CaseMetricsReport(str(tmp_path), ["background", "anterior", "posterior"])
     engine = SimpleNamespace(state=SimpleNamespace(output=[item]))
     report.collect(engine)
@@ -102,8 +121,12 @@ def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
     pred = label.clone()
     pred[8:10, 10:20, 10:20] = 1  # anterior grows by 2 voxels along axis 0 only
     affine = torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0]))
-    item = {"pred": MetaTensor(_one_hot(pred), affine=affine), "label": MetaTensor(_one_hot(label), affine=affine,
-            meta={"filename_or_obj": "c.nii.gz"}), "resized_pred": _one_hot(pred), "resized_label": label[None]}
+    item = {
+        "pred": MetaTensor(_one_hot(pred), affine=affine),
+        "label": MetaTensor(_one_hot(label), affine=affine, meta={"filename_or_obj": "c.nii.gz"}),
+        "resized_pred": _one_hot(pred),
+        "resized_label": label[None],
+    }
     report = CaseMetricsReport(str(tmp_path), ["background", "anterior", "posterior"])
     report.collect(SimpleNamespace(state=SimpleNamespace(output=[item])))
     assert report.rows[0]["hd95_anterior"] == pytest.approx(4.0)  # 2 voxels of 2 mm
@@ -112,9 +135,16 @@ def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
 
 def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
     log = bundle_command(
-        "run", "evaluating", "--config_file",
+        "run",
+        "evaluating",
+        "--config_file",
         "['configs/train.yaml','configs/train_native.yaml','configs/evaluate.yaml']",  # the shipped model's recipe
-        "--dataset_dir", synthetic_task, "--output_dir", str(tmp_path), "--eval_split", "all",
+        "--dataset_dir",
+        synthetic_task,
+        "--output_dir",
+        str(tmp_path),
+        "--eval_split",
+        "all",
     )
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -125,8 +155,17 @@ def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
 
     # the masks inference writes score what evaluation reports: one inferer, one mapping back to each case's grid
     masks = tmp_path / "masks"
-    bundle_command("run", "--config_file", "configs/inference.yaml", "--dataset_dir",
-                   os.path.join(synthetic_task, "imagesTr"), "--output_dir", str(masks), "--keep_largest", "false")
+    bundle_command(
+        "run",
+        "--config_file",
+        "configs/inference.yaml",
+        "--dataset_dir",
+        os.path.join(synthetic_task, "imagesTr"),
+        "--output_dir",
+        str(masks),
+        "--keep_largest",
+        "false",
+    )
     for row in rows:
         name = row["case"][: -len(".nii.gz")]
         mask = np.asarray(nib.load(str(masks / f"{name}_seg.nii.gz")).dataobj)

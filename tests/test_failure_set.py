@@ -81,15 +81,32 @@ def test_thresholds_and_the_signal_table_come_from_the_scored_cases(capsys):
     from tools.failure_set import _print_scores, thresholds
 
     def scored(case, group, dice, confidence, agreement, asymmetry=0.05, reasons=""):
-        return {"case": case, "head": "h", "variant": case, "group": group, "failed": "", "dice_left": dice,
-                "dice_right": dice, "confidence_left": confidence, "confidence_right": confidence + 0.01,
-                "agreement_left": agreement, "agreement_right": agreement + 0.01, "mutual_information": 0.5,
-                "correlation": 0.5, "asymmetry": asymmetry, "qc_reasons": reasons, "left_mm3": 3000.0,
-                "right_mm3": 3100.0}
+        return {
+            "case": case,
+            "head": "h",
+            "variant": case,
+            "group": group,
+            "failed": "",
+            "dice_left": dice,
+            "dice_right": dice,
+            "confidence_left": confidence,
+            "confidence_right": confidence + 0.01,
+            "agreement_left": agreement,
+            "agreement_right": agreement + 0.01,
+            "mutual_information": 0.5,
+            "correlation": 0.5,
+            "asymmetry": asymmetry,
+            "qc_reasons": reasons,
+            "left_mm3": 3000.0,
+            "right_mm3": 3100.0,
+        }
 
     rows = [scored(f"good{i}", "good", 0.95, 0.93 + i / 1000, 0.95 + i / 1000) for i in range(40)]
-    rows += [scored("blurred", "damaged", 0.7, 0.90, 0.97), scored("shifted", "damaged", 0.75, 0.95, 0.85),
-             {"case": "cut", "head": "h", "variant": "cut", "group": "damaged", "failed": "box outside"}]
+    rows += [
+        scored("blurred", "damaged", 0.7, 0.90, 0.97),
+        scored("shifted", "damaged", 0.75, 0.95, 0.85),
+        {"case": "cut", "head": "h", "variant": "cut", "group": "damaged", "failed": "box outside"},
+    ]
     chosen = thresholds(rows)
     assert chosen == {"min_confidence": 0.93, "min_agreement": 0.95, "fail_agreement": 0.9, "max_asymmetry": 0.05}
     _print_scores(rows)

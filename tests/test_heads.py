@@ -13,8 +13,19 @@ from dicom_series import write_dicom_series
 from tools.head_check import TEMPLATE, dice, in_template_grid, make_harder_heads, make_heads
 from test_inference import run_inference
 
-MIN_DICE = {"template": 0.99, "moved0": 0.99, "moved1": 0.99, "lps": 0.99, "aniso": 0.9, "2mm": 0.8, "dicom": 0.8,
-            "neck": 0.95, "cut_face_top": 0.95, "skull_stripped": 0.95, "freesurfer": 0.99}
+MIN_DICE = {
+    "template": 0.99,
+    "moved0": 0.99,
+    "moved1": 0.99,
+    "lps": 0.99,
+    "aniso": 0.9,
+    "2mm": 0.8,
+    "dicom": 0.8,
+    "neck": 0.95,
+    "cut_face_top": 0.95,
+    "skull_stripped": 0.95,
+    "freesurfer": 0.99,
+}
 HARDER = ["neck", "cut_face_top", "skull_stripped", "freesurfer"]
 BRAIN_MASK = os.path.join(os.path.dirname(TEMPLATE), "mni_icbm152_brain_mask_2mm.nii.gz")
 
@@ -36,18 +47,26 @@ def head_run(synthetic_task, tmp_path_factory):
     two_mm = nib.load(str(inputs / "2mm.nii.gz"))
     corner = nib.affines.apply_affine(two_mm.affine, [two_mm.shape[0] - 1, two_mm.shape[1] - 1, 0])
     # DICOM rows run along LPS y and columns along LPS x: the RAS array reversed in x and y, transposed
-    write_dicom_series(np.asarray(two_mm.dataobj)[::-1, ::-1].transpose(1, 0, 2), str(inputs / "dicom"),
-                       spacing=(2.0, 2.0, 2.0), origin=(-corner[0], -corner[1], corner[2]))
+    write_dicom_series(
+        np.asarray(two_mm.dataobj)[::-1, ::-1].transpose(1, 0, 2),
+        str(inputs / "dicom"),
+        spacing=(2.0, 2.0, 2.0),
+        origin=(-corner[0], -corner[1], corner[2]),
+    )
     rng = np.random.default_rng(0)
-    nib.save(nib.Nifti1Image(rng.random((160, 192, 160)).astype(np.float32) * 100, np.eye(4)), str(inputs / "noise.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(rng.random((160, 192, 160)).astype(np.float32) * 100, np.eye(4)), str(inputs / "noise.nii.gz")
+    )
     template = nib.load(TEMPLATE)
     inverted = 255.0 - np.asarray(template.dataobj, dtype=np.float32)  # a T2-like contrast: registers, but is no T1
     nib.save(nib.Nifti1Image(inverted, template.affine), str(inputs / "inverted.nii.gz"))
     below = 70  # the field of view starts 2 mm above the hippocampi's centres: their boxes lie half outside it
     cut_affine = template.affine.copy()
     cut_affine[:3, 3] = nib.affines.apply_affine(template.affine, [0, 0, below])
-    nib.save(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32)[:, :, below:], cut_affine),
-             str(inputs / "above_hippocampi.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32)[:, :, below:], cut_affine),
+        str(inputs / "above_hippocampi.nii.gz"),
+    )
     crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
     shutil.copy(crop, inputs / "crop.nii.gz")
     result = run_inference(inputs, output)
@@ -98,7 +117,9 @@ def test_noise_non_t1_and_cut_heads_are_named_failures_and_crop_stays_a_crop(hea
     assert f"{len(MIN_DICE) + 1} written, 3 failed" in log  # the heads of MIN_DICE and the crop
     assert any("noise.nii.gz" in line and "registration" in line for line in log.splitlines()), log[-3000:]
     assert any("inverted.nii.gz" in line and "T1" in line for line in log.splitlines()), log[-3000:]
-    assert any("above_hippocampi.nii.gz" in line and "outside the image" in line for line in log.splitlines()), log[-3000:]
+    assert any("above_hippocampi.nii.gz" in line and "outside the image" in line for line in log.splitlines()), log[
+        -3000:
+    ]
     for name in ("noise", "inverted", "above_hippocampi"):
         assert not (output / f"{name}_seg.nii.gz").exists()
     assert "Traceback" not in log
@@ -112,8 +133,9 @@ def test_noise_non_t1_and_cut_heads_are_named_failures_and_crop_stays_a_crop(hea
     shutil.copy(inputs / "crop.nii.gz", alone / "crop.nii.gz")
     forced = run_inference(alone, alone.parent / "crop_out", "--input_kind", "crop")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    np.testing.assert_array_equal(np.asarray(nib.load(str(alone.parent / "crop_out" / "crop_seg.nii.gz")).dataobj),
-                                  crop_mask)
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(str(alone.parent / "crop_out" / "crop_seg.nii.gz")).dataobj), crop_mask
+    )
 
 
 def test_rerun_skips_finished_heads_and_keeps_their_volumes(head_run, tmp_path):
@@ -201,8 +223,22 @@ def test_compare_scores_masks_against_other_tools_references(head_run, tmp_path,
         save(np.select([left, right], [48, 47], 0), "template_dlmuse.nii.gz")
         options = ["--reference_suffix", "_dlmuse.nii.gz", "--left_labels", "48", "--right_labels", "47"]
     result = subprocess.run(
-        [sys.executable, "-m", "tools.head_check", "compare", "--masks", str(output), "--reference", str(folder),
-         *options], cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "tools.head_check",
+            "compare",
+            "--masks",
+            str(output),
+            "--reference",
+            str(folder),
+            *options,
+        ],
+        cwd=BUNDLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| template | 1.000 / 1.000 |" in result.stdout
     assert "over 1 heads" in result.stdout  # the other masks have no reference
@@ -242,7 +278,9 @@ def test_freesurfer_input_gets_a_nifti_mask_on_its_own_grid(head_run):
     mask, image = nib.load(str(output / "freesurfer_seg.nii.gz")), nib.load(str(inputs / "freesurfer.mgz"))
     assert isinstance(mask, nib.Nifti1Image) and mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(nib.load(str(output / "template_seg.nii.gz")).dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(mask.dataobj), np.asarray(nib.load(str(output / "template_seg.nii.gz")).dataobj)
+    )
 
 
 def test_head_volume_ranges_scale_with_etiv(head_run):

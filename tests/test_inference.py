@@ -16,16 +16,29 @@ from monai.transforms import LoadImage
 from conftest import BUNDLE_DIR
 from dicom_series import write_dicom_series
 
-
 # what every run writes beside the masks: the volumes table, the cohort report and its QC pictures
 RUN_FILES = ("volumes.csv", "report.html", "qc")
 
 
 def run_inference(input_dir, output_dir, *extra, config="configs/inference.yaml"):
     return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", config,
-         "--dataset_dir", str(input_dir), "--output_dir", str(output_dir), *extra],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            config,
+            "--dataset_dir",
+            str(input_dir),
+            "--output_dir",
+            str(output_dir),
+            *extra,
+        ],
+        cwd=BUNDLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -43,7 +56,11 @@ def scans(synthetic_task, tmp_path_factory):
     """Synthetic scans of several shapes re-saved with oblique, anisotropic affines (one flipped)."""
     folder = tmp_path_factory.mktemp("scans")
     images = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[:3]
-    geometries = [((1.0, 1.0, 1.0), 0.0, (0, 0, 0)), ((0.9, 1.1, 1.3), 0.3, (10, -5, 2)), ((-1.0, 1.0, 1.2), -0.5, (3, 3, 3))]
+    geometries = [
+        ((1.0, 1.0, 1.0), 0.0, (0, 0, 0)),
+        ((0.9, 1.1, 1.3), 0.3, (10, -5, 2)),
+        ((-1.0, 1.0, 1.2), -0.5, (3, 3, 3)),
+    ]
     for i, (image, (spacing, angle, origin)) in enumerate(zip(images, geometries)):
         data = np.asarray(nib.load(image).dataobj)
         if i == 2:
@@ -120,9 +137,7 @@ def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
 def test_torchscript_config_gives_the_same_masks(scans, crop_run, tmp_path):
     """The committed models/model.ts (the export of models/model.pt: test_export_and_evaluate.py) through its config."""
     eager_dir, eager = crop_run
-    scripted = run_inference(
-        scans, tmp_path / "ts", config="['configs/inference.yaml','configs/inference_ts.yaml']",
-    )
+    scripted = run_inference(scans, tmp_path / "ts", config="['configs/inference.yaml','configs/inference_ts.yaml']")
     assert eager.returncode == 0 and scripted.returncode == 0, scripted.stderr[-3000:]
     for name in fnmatch.filter(os.listdir(eager_dir), "*_seg.nii.gz"):
         a = np.asarray(nib.load(str(eager_dir / name)).dataobj)
@@ -148,8 +163,12 @@ def test_broken_inputs_are_each_named_with_a_reason(scans, tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "4 written, 4 failed" in log
-    for name, reason in [("truncated.nii.gz", ""), ("nan.nii.gz", "NaN"), ("constant.nii.gz", "constant"),
-                         ("two volumes.nii.gz", "2 volume")]:
+    for name, reason in [
+        ("truncated.nii.gz", ""),
+        ("nan.nii.gz", "NaN"),
+        ("constant.nii.gz", "constant"),
+        ("two volumes.nii.gz", "2 volume"),
+    ]:
         assert any(name in line and reason in line for line in log.splitlines()), (name, log[-3000:])
     written = sorted(name for name in os.listdir(tmp_path / "out") if name not in RUN_FILES)
     expected = [name.replace(".nii.gz", "_seg.nii.gz") for name in good + ["one volume 4d.nii.gz"]]

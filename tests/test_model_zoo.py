@@ -40,13 +40,20 @@ HOOK_ENTRIES = {
     "trailing-whitespace": ("trailing-whitespace-fixer", ["text"]),
 }
 
-pytestmark = pytest.mark.skipif(not (os.path.isdir(MODEL_ZOO) and os.path.isfile(SCHEMA)),
-                                reason=f"{MODEL_ZOO} or {SCHEMA} is absent")
+pytestmark = pytest.mark.skipif(
+    not (os.path.isdir(MODEL_ZOO) and os.path.isfile(SCHEMA)), reason=f"{MODEL_ZOO} or {SCHEMA} is absent"
+)
 
 
 def run(command, cwd, timeout=600):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, PYTHONPATH="", PYTHONDONTWRITEBYTECODE="1"))
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH="", PYTHONDONTWRITEBYTECODE="1"),
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -57,12 +64,25 @@ def pull_request(tmp_path_factory):
     hosted = root / "dist" / "large_files"
     hosted.mkdir(parents=True)
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(hosted)))
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(hosted))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     source = root / "bundle"  # packaging rewrites large_files.yml: never in the repository's bundle
     shutil.copytree(BUNDLE_DIR, source, ignore=shutil.ignore_patterns("__pycache__", "output", "eval", "dist"))
-    code, log = run([sys.executable, "-m", "tools.package", "--output_dir", str(root / "dist"), "--pull_request",
-                     "true", "--base_url", f"http://127.0.0.1:{server.server_address[1]}"], cwd=source)
+    code, log = run(
+        [
+            sys.executable,
+            "-m",
+            "tools.package",
+            "--output_dir",
+            str(root / "dist"),
+            "--pull_request",
+            "true",
+            "--base_url",
+            f"http://127.0.0.1:{server.server_address[1]}",
+        ],
+        cwd=source,
+    )
     assert code == 0, log[-3000:]
     folder = root / "dist" / NAME
     zoo = root / "zoo"
@@ -105,8 +125,9 @@ def test_infer_properties_with_the_configs_defaults(pull_request):
     """What verify_properties.py checks (create_workflow("infer"), Meta and Infer properties), defaults untouched."""
     _, zoo, _ = pull_request
     bundle = zoo / "models" / NAME
-    code, log = run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle)],
-                    cwd=zoo)  # as the zoo's CI does first (or verify_bundle.py did)
+    code, log = run(
+        [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle)], cwd=zoo
+    )  # as the zoo's CI does first (or verify_bundle.py did)
     assert code == 0, log[-3000:]
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); import os\n"
@@ -140,9 +161,17 @@ def run_hooks(config_file, folder, tmp_path, inside="."):
     for repository in config["repos"]:
         for hook in repository["hooks"]:
             entry, types = HOOK_ENTRIES[hook["id"]]
-            hooks.append({"id": hook["id"], "name": hook["id"], "entry": os.path.join(bin_dir, entry),
-                          "language": "system", "args": hook.get("args", []), "types": types or ["file"],
-                          **({"exclude": hook["exclude"]} if "exclude" in hook else {})})
+            hooks.append(
+                {
+                    "id": hook["id"],
+                    "name": hook["id"],
+                    "entry": os.path.join(bin_dir, entry),
+                    "language": "system",
+                    "args": hook.get("args", []),
+                    "types": types or ["file"],
+                    **({"exclude": hook["exclude"]} if "exclude" in hook else {}),
+                }
+            )
     local = {"exclude": config.get("exclude", "^$"), "repos": [{"repo": "local", "hooks": hooks}]}
     (tmp_path / "hooks.yaml").write_text(yaml.safe_dump(local))
     checkout = tmp_path / "checkout"
@@ -151,8 +180,10 @@ def run_hooks(config_file, folder, tmp_path, inside="."):
     for command in (git + ["init", "-q"], git + ["add", "-A"]):
         assert run(command, cwd=checkout)[0] == 0
     before = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file() and ".git" not in p.parts}
-    code, log = run([os.path.join(bin_dir, "pre-commit"), "run", "--config", str(tmp_path / "hooks.yaml"),
-                     "--all-files"], cwd=checkout)
+    code, log = run(
+        [os.path.join(bin_dir, "pre-commit"), "run", "--config", str(tmp_path / "hooks.yaml"), "--all-files"],
+        cwd=checkout,
+    )
     return code, log, before, {p: p.read_bytes() for p in before}
 
 
@@ -169,8 +200,9 @@ def test_repository_hooks_never_touch_the_weights(tmp_path):
     bundle, weights included: every file unchanged, the TorchScript still loads."""
     import torch
 
-    code, log, before, after = run_hooks(os.path.join(REPO_DIR, ".pre-commit-config.yaml"), BUNDLE_DIR, tmp_path,
-                                         inside="bundle")
+    code, log, before, after = run_hooks(
+        os.path.join(REPO_DIR, ".pre-commit-config.yaml"), BUNDLE_DIR, tmp_path, inside="bundle"
+    )
     assert code == 0, log[-4000:]
     assert after == before
     torch.jit.load(str(tmp_path / "checkout" / "bundle" / "models" / "model.ts"))

@@ -28,9 +28,28 @@ def distributed_run(tmp_path_factory):
     with open(os.path.join(bundle, "configs", "test_rank_weights.yaml"), "w") as f:
         f.write(RANK_WEIGHTS)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-         "-m", "monai.bundle", "run", "training", "--config_file", MULTI_TRAIN, "--dataset_dir", task, "--epochs", "1"],
-        cwd=bundle, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            MULTI_TRAIN,
+            "--dataset_dir",
+            task,
+            "--epochs",
+            "1",
+        ],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return bundle, task, result.stdout + result.stderr
@@ -51,8 +70,9 @@ def test_one_checkpoint_and_identical_weights_on_both_ranks(distributed_run):
 def test_key_metric_equals_single_process_evaluation(distributed_run):
     bundle, task, log = distributed_run
     (distributed,) = re.findall(r"Epoch\[1\] Metrics -- .*val_mean_dice: ([0-9.]+)", log)
-    single = run_bundle(bundle, "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
-                        "--dataset_dir", task)
+    single = run_bundle(
+        bundle, "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--dataset_dir", task
+    )
     (evaluated,) = re.findall(r"Metrics -- .*val_mean_dice: ([0-9.]+)", single)
     assert float(distributed) == pytest.approx(float(evaluated), abs=1e-4)
 
@@ -62,13 +82,31 @@ def test_evaluation_with_fewer_cases_than_processes(distributed_run, tmp_path):
     bundle, task, _ = distributed_run
     evaluate = ["evaluating", "--dataset_dir", task, "--train_split", "0.96"]  # 23 training cases, 1 validation
     single = str(tmp_path / "single")
-    run_bundle(bundle, *evaluate, "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--output_dir", single)
+    run_bundle(
+        bundle, *evaluate, "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--output_dir", single
+    )
     sharded = str(tmp_path / "sharded")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-         "-m", "monai.bundle", "run", *evaluate, "--output_dir", sharded, "--config_file",
-         "['configs/train.yaml','configs/evaluate.yaml','configs/multi_gpu_evaluate.yaml']"],
-        cwd=bundle, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            *evaluate,
+            "--output_dir",
+            sharded,
+            "--config_file",
+            "['configs/train.yaml','configs/evaluate.yaml','configs/multi_gpu_evaluate.yaml']",
+        ],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -78,4 +116,5 @@ def test_evaluation_with_fewer_cases_than_processes(distributed_run, tmp_path):
         assert reports[1][metric]["mean"] == pytest.approx(reports[0][metric]["mean"], abs=1e-6), metric
     (mean_dice,) = re.findall(r"Metrics -- .*val_mean_dice: ([0-9.]+)", log)
     assert float(mean_dice) == pytest.approx(
-        (reports[0]["dice_anterior"]["mean"] + reports[0]["dice_posterior"]["mean"]) / 2, abs=1e-4)
+        (reports[0]["dice_anterior"]["mean"] + reports[0]["dice_posterior"]["mean"]) / 2, abs=1e-4
+    )

@@ -48,13 +48,23 @@ def release(tmp_path_factory):
     copy = root / "bundle"
     # never touch the real bundle; skip its own caches/outputs/data so the copy holds only what the test adds
     anywhere = shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "output", "eval", "runs", "dist")
-    shutil.copytree(BUNDLE_DIR, copy, ignore=lambda folder, names: anywhere(folder, names) | (
-        {"data"} & set(names) if os.path.samefile(folder, BUNDLE_DIR) else set()))  # the bundle's data/, not scripts/data/
+    shutil.copytree(
+        BUNDLE_DIR,
+        copy,
+        ignore=lambda folder, names: anywhere(folder, names)
+        | ({"data"} & set(names) if os.path.samefile(folder, BUNDLE_DIR) else set()),
+    )  # the bundle's data/, not scripts/data/
     for rel in JUNK:
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         (copy / rel).write_bytes(b"junk")
-    result = subprocess.run([sys.executable, "-m", "tools.package", "--output_dir", str(root / "dist")],
-                            cwd=copy, env=clean_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.package", "--output_dir", str(root / "dist")],
+        cwd=copy,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(copy / "configs" / "metadata.json") as f:
         version = json.load(f)["version"]
@@ -63,8 +73,14 @@ def release(tmp_path_factory):
     assert zip_path.is_file()
 
     # run from elsewhere through the file path: the bundle is found from __file__, and the zip is byte-identical
-    again = subprocess.run([sys.executable, str(copy / "tools" / "package.py"), "--output_dir", "dist2"],
-                           cwd=root, env=clean_env(), capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(copy / "tools" / "package.py"), "--output_dir", "dist2"],
+        cwd=root,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert (root / "dist2" / zip_path.name).read_bytes() == zip_path.read_bytes()
     return zip_path, version
@@ -79,13 +95,24 @@ def test_zip_layout_and_no_junk(release):
     assert names == sorted(names)
     assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
     assert {n.split("/")[0] for n in names} == {NAME}
-    rel = {n[len(NAME) + 1:] for n in names if not n.endswith("/")}
+    rel = {n[len(NAME) + 1 :] for n in names if not n.endswith("/")}
 
-    required = {"configs/train.yaml", "configs/inference.yaml", "configs/metadata.json",
-                "models/model.pt", "models/model_tf.pt", "large_files.yml", "scripts/networks/vnet.py", "scripts/__init__.py",
-                "scripts/labels.py", "scripts/inference/outputs.py",
-                "LICENSE", "atlas/NOTICE.txt",
-                "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "atlas/mni_icbm152_brain_mask_2mm.nii.gz"}
+    required = {
+        "configs/train.yaml",
+        "configs/inference.yaml",
+        "configs/metadata.json",
+        "models/model.pt",
+        "models/model_tf.pt",
+        "large_files.yml",
+        "scripts/networks/vnet.py",
+        "scripts/__init__.py",
+        "scripts/labels.py",
+        "scripts/inference/outputs.py",
+        "LICENSE",
+        "atlas/NOTICE.txt",
+        "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "atlas/mni_icbm152_brain_mask_2mm.nii.gz",
+    }
     if os.path.isfile(os.path.join(BUNDLE_DIR, "docs", "README.md")):
         required.add("docs/README.md")
     assert required <= rel, required - rel
@@ -114,25 +141,63 @@ def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
     zip_path, _ = release
     bundles = tmp_path / "bundles"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "download", "--name", NAME, "--url", zip_path.as_uri(),
-         "--bundle_dir", str(bundles), "--progress", "false"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "download",
+            "--name",
+            NAME,
+            "--url",
+            zip_path.as_uri(),
+            "--bundle_dir",
+            str(bundles),
+            "--progress",
+            "false",
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     unpacked = bundles / NAME
     assert (unpacked / "configs" / "metadata.json").is_file()
     assert not (unpacked / "models" / "checkpoint_epoch=2.pt").exists()
 
     # the unpacked bundle, not the repo, provides `scripts`
-    which = subprocess.run([sys.executable, "-c", "import scripts; print(scripts.__file__)"],
-                           cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=60)
+    which = subprocess.run(
+        [sys.executable, "-c", "import scripts; print(scripts.__file__)"],
+        cwd=unpacked,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert which.returncode == 0, which.stderr
     assert os.path.realpath(which.stdout.strip()).startswith(os.path.realpath(unpacked) + os.sep)
 
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-         "--dataset_dir", str(synthetic_task), "--output_dir", str(out)],
-        cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--dataset_dir",
+            str(synthetic_task),
+            "--output_dir",
+            str(out),
+        ],
+        cwd=unpacked,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     images = sorted(glob.glob(os.path.join(synthetic_task, "imagesTs", "*.nii.gz")))
     assert images
@@ -146,9 +211,24 @@ def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
     heads.mkdir()
     shutil.copy(unpacked / "atlas" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", heads / "head.nii.gz")
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-         "--dataset_dir", str(heads), "--output_dir", str(out)],
-        cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--dataset_dir",
+            str(heads),
+            "--output_dir",
+            str(out),
+        ],
+        cwd=unpacked,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(np.unique(np.asarray(nib.load(str(out / "head_seg.nii.gz")).dataobj))) == {0, 1, 2, 3, 4}
 
@@ -165,8 +245,14 @@ def test_download_from_github_release_name(release, tmp_path, monkeypatch):
         return (zip_path.parent / filename).as_uri()
 
     monkeypatch.setattr(bundle_scripts, "_get_git_release_url", fake_release_url)
-    bundle_scripts.download(name=NAME, version=version, source="github", repo="owner/repo/hosting_storage_v1",
-                            bundle_dir=str(tmp_path), progress=False)
+    bundle_scripts.download(
+        name=NAME,
+        version=version,
+        source="github",
+        repo="owner/repo/hosting_storage_v1",
+        bundle_dir=str(tmp_path),
+        progress=False,
+    )
     assert requested == [zip_path.name]
     assert (tmp_path / NAME / "configs" / "inference.yaml").is_file()
     packaged_model = zip_path.parent.parent / "bundle" / "models" / "model.pt"  # the copy the zip was built from

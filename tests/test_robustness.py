@@ -73,9 +73,24 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, synthetic_task):
     wrong = tmp_path / "wrong.pt"
     torch.save(VNet(out_channels=2, full_res_skip=True).state_dict(), wrong)
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-         "--dataset_dir", synthetic_task, "--output_dir", str(tmp_path / "out"), "--ckpt_file", str(wrong)],
-        cwd=os.path.join(os.path.dirname(__file__), "..", "bundle"), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--dataset_dir",
+            synthetic_task,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--ckpt_file",
+            str(wrong),
+        ],
+        cwd=os.path.join(os.path.dirname(__file__), "..", "bundle"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "size mismatch for output_conv.weight" in result.stderr
@@ -92,7 +107,10 @@ def test_bad_dataset_refuses_to_train_unless_skipped(synthetic_task, tmp_path):
     bundle = copy_bundle(tmp_path / "bundle")
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", *TRAIN, "--dataset_dir", str(task), "--epochs", "1"],
-        cwd=bundle, capture_output=True, text=True, timeout=300,
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0 and broken.name in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(bundle, "models", "model_tf.pt"))

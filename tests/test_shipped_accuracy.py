@@ -14,10 +14,23 @@ from conftest import BUNDLE_DIR, REAL_DATA_DIR
 @pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_DATA_DIR, "dataset.json")), reason="no real Task04 data here")
 def test_shipped_model_scores_its_reported_validation_dice(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
-         "['configs/train.yaml','configs/train_native.yaml','configs/evaluate.yaml']", "--dataset_dir", REAL_DATA_DIR,
-         "--output_dir", str(tmp_path)],
-        cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "evaluating",
+            "--config_file",
+            "['configs/train.yaml','configs/train_native.yaml','configs/evaluate.yaml']",
+            "--dataset_dir",
+            REAL_DATA_DIR,
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=BUNDLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "summary.json") as f:

@@ -1,6 +1,5 @@
 """The V-Net port: shapes, parameter count, TorchScript, and input size checks."""
 
-
 import pytest
 import torch
 
