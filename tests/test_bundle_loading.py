@@ -121,7 +121,7 @@ def bad_weights(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other_recipe", "resume_without_checkpoint"])
+@pytest.mark.parametrize("case", ["missing", "missing_fold", "corrupt", "other_recipe", "resume_without_checkpoint"])
 def test_bad_weights_or_checkpoint_give_one_line(case, bad_weights, synthetic_task, tmp_path):
     scans = ["--dataset_dir", os.path.join(synthetic_task, "imagesTs"), "--output_dir", str(tmp_path / "out")]
     if case == "missing":
@@ -131,6 +131,14 @@ def test_bad_weights_or_checkpoint_give_one_line(case, bad_weights, synthetic_ta
             *scans,
             "--ckpt_file",
             "models/nothing.pt",
+        ], "models/nothing.pt: no such weights or checkpoint file."
+    elif case == "missing_fold":  # one of the crops' ensemble
+        args, named = [
+            "--config_file",
+            "configs/inference.yaml",
+            *scans,
+            "--fold_files",
+            "['models/fold0.pt','models/nothing.pt']",
         ], "models/nothing.pt: no such weights or checkpoint file."
     elif case == "corrupt":
         weights = str(bad_weights / "corrupt.pt")

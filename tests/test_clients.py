@@ -50,7 +50,8 @@ def metadata():
 def crop(tmp_path_factory):
     """A Task04-sized crop of the shipped template around its left hippocampus, stored in LPS voxel order, and the
     command line's masks of it: in fp32 with `models/model.pt` ("pt") and `models/model.ts` (configs/inference_ts.yaml,
-    "ts"), and where the CPU has native bf16, in bf16 with `models/model.pt` on all the machine's cores ("pt_bf16")."""
+    "ts"), and where the CPU has native bf16, in bf16 with `models/model.pt` on all the machine's cores ("pt_bf16").
+    The clients get the single model (`network_def`, `models/model.pt`), as the command line with `--ensemble false`."""
     folder = tmp_path_factory.mktemp("client_crop")
     template = nib.load(TEMPLATE)
     centre = (np.linalg.inv(template.affine) @ [-26.7, -22.2, -14.8, 1])[:3]
@@ -94,6 +95,8 @@ def crop(tmp_path_factory):
                 "false",
                 "--cpu_bf16",
                 bf16,
+                "--ensemble",
+                "false",
             ],
             cwd=BUNDLE_DIR,
             capture_output=True,
@@ -310,7 +313,7 @@ def test_inference_ids_equal_the_recipe_training_chain(recipe, synthetic_task):
 def test_command_line_overrides_reach_what_they_name():
     parser = parse(["inference.yaml"], tta_flip_axes=[], cpu_bf16="false", channels_last="false")
     inferer = parser.get_parsed_content("inferer")
-    assert inferer.inferer.spatial_axes == [] and inferer.enabled is False
+    assert inferer.inferer.inferer.spatial_axes == [] and inferer.enabled is False
     weights = [p for p in parser.get_parsed_content("network").parameters() if p.dim() == 5]
     assert all(p.is_contiguous() for p in weights)
 

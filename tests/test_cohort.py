@@ -183,19 +183,27 @@ def write_mask(path, labels, spacing=1.0):
 def test_quality_flags(tmp_path):
     from scripts.qc.check import CaseRow, QualityCheck
 
-    check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, min_confidence=0.9)
+    check = QualityCheck(
+        {"anterior": [1000, 3000], "posterior": [1000, 3000]}, {"min_agreement": 0.9, "fail_agreement": 0.7}
+    )
     labels = np.zeros((40, 40, 40), np.uint8)
     labels[5:17, 5:17, 5:17] = 1  # 1728 mm3
     labels[20:32, 5:17, 5:17] = 2
-    good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95)
+    good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95, agreement=0.95)
     assert (good.qc, good.qc_reasons, good.columns()["anterior_mm3"]) == ("pass", "", "1728.0")
+    assert good.columns()["qc_score"] == "0.950"  # a crop's qc_score is its test-time agreement
     split = labels.copy()
     split[35:38, 35:38, 35:38] = 2  # a second piece of posterior
     row = check.row("split", write_mask(tmp_path / "split.nii.gz", split), confidence=0.95)
     assert row.qc == "review" and row.qc_reasons == "posterior in 2 pieces"
     no_posterior = np.where(labels == 2, 0, labels)
-    row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), confidence=0.5)
-    assert row.qc_reasons == "anterior 13824 mm3 outside 1000-3000; posterior absent; confidence 0.500 < 0.9"
+    row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), agreement=0.85)
+    assert (
+        row.qc_reasons
+        == "anterior 13824 mm3 outside 1000-3000; posterior absent; test-time augmentations agree at 0.85"
+    )
+    row = check.row("disagrees", write_mask(tmp_path / "good.nii.gz", labels), agreement=0.6)
+    assert (row.qc, row.qc_reasons) == ("fail", "test-time augmentations agree at 0.60")
     head = np.zeros((40, 40, 40), np.uint8)
     head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17] = 1, 2, 3
     row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6}, confidence=0.95)
@@ -221,7 +229,8 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
     from scripts.qc.check import CaseRow, QualityCheck, flag_cohort_outliers
 
     thresholds = {"min_confidence": 0.9, "min_agreement": 0.85, "fail_agreement": 0.6, "max_asymmetry": 0.3}
-    check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, 0.95, 1.5e6, thresholds)
+    crop = {"min_agreement": 0.95, "fail_agreement": 0.9}
+    check = QualityCheck({"anterior": [1000, 3000], "posterior": [1000, 3000]}, crop, 1.5e6, thresholds)
     head = np.zeros((40, 40, 40), np.uint8)
     head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17], head[20:32, 20:32, 5:17] = 1, 2, 3, 4
     mask = write_mask(tmp_path / "head.nii.gz", head)
@@ -232,7 +241,7 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
 
     good = row({"left": 0.93, "right": 0.94}, {"left": 0.95, "right": 0.9})
     columns = good.columns()
-    assert (good.qc, good.qc_reasons, columns["qc_score"]) == ("pass", "", "0.900")  # 0.93 < 0.95 is crops' only
+    assert (good.qc, good.qc_reasons, columns["qc_score"]) == ("pass", "", "0.900")  # 0.9 < 0.95 is crops' only
     assert (columns["left_confidence"], columns["right_agreement"]) == ("0.9300", "0.9000")
     review = row({"left": 0.93, "right": 0.85}, {"left": 0.95, "right": 0.8})
     assert review.qc == "review" and review.qc_reasons == (
@@ -241,6 +250,19 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
     failed = row({"left": 0.93, "right": 0.94}, {"left": 0.55, "right": 0.9})
     assert failed.qc == "fail" and failed.columns()["qc_score"] == "0.550"
     assert failed.qc_reasons == "left hippocampus: test-time augmentations agree at 0.55"
+    # a head of 4 mm slices is held to the thick-slice thresholds, a 1 mm one to the heads'
+    thick_thresholds = {**thresholds, "min_slice_mm": 4.0, "min_agreement": 0.75, "fail_agreement": 0.5}
+    check = QualityCheck(
+        {"anterior": [1000, 3000], "posterior": [1000, 3000]}, crop, 1.5e6, thresholds, 5.0, thick_thresholds
+    )
+    result = {"etiv_mm3": 1.5e6, "side_confidence": {"left": 0.93, "right": 0.94}}
+    result["side_agreement"] = {"left": 0.8, "right": 0.9}
+    assert check.row("head", mask, result).qc == "review"
+    thick_mask = str(tmp_path / "thick_head.nii.gz")
+    nib.save(nib.Nifti1Image(head[:, :, ::4], np.diag([1.0, 1.0, 4.0, 1.0])), thick_mask)
+    assert check.row("head", thick_mask, result).qc == "pass"
+    result["side_agreement"] = {"left": 0.55, "right": 0.9}
+    assert check.row("head", mask, result).qc == "fail" and check.row("head", thick_mask, result).qc == "review"
 
     rng = np.random.default_rng(0)
     cohort = [

@@ -55,6 +55,9 @@ def test_copies_change_what_their_names_say(head):
     # thick slices along the axis nearest superior-inferior
     copy, copy_affine = damaged("slices6mm", data, affine, mask, rng)
     np.testing.assert_allclose(np.linalg.norm(copy_affine[:3, :3], axis=0), [1.5, 1.5, 6.0])
+    for variant, spacing in (("sagittal", [5.0, 1.5, 1.5]), ("coronal", [1.5, 5.0, 1.5]), ("axial", [1.5, 1.5, 5.0])):
+        copy, copy_affine = damaged(f"slices5mm_{variant}", data, affine, mask, rng)
+        np.testing.assert_allclose(np.linalg.norm(copy_affine[:3, :3], axis=0), spacing)
 
 
 def test_shifted_registration_moves_the_boxes():
@@ -107,9 +110,18 @@ def test_thresholds_and_the_signal_table_come_from_the_scored_cases(capsys):
         scored("shifted", "damaged", 0.75, 0.95, 0.85),
         {"case": "cut", "head": "h", "variant": "cut", "group": "damaged", "failed": "box outside"},
     ]
-    chosen = thresholds(rows)
+    thick = [scored(f"thick{i}", "thick", 0.7, 0.85 + i / 1000, 0.88 + i / 1000, 0.1) for i in range(40)]
+    chosen = thresholds(rows + thick)
     assert chosen == {"min_confidence": 0.93, "min_agreement": 0.95, "fail_agreement": 0.9, "max_asymmetry": 0.05}
-    _print_scores(rows)
+    # the thick-slice copies get their own, by the same rule, and are neither harmless nor bad in the main table
+    assert thresholds(rows + thick, group="thick") == {
+        "min_confidence": 0.85,
+        "min_agreement": 0.88,
+        "fail_agreement": 0.8,
+        "max_asymmetry": 0.1,
+    }
+    _print_scores(rows + thick)
     printed = capsys.readouterr().out
+    assert "| any of them | 40 of 40 (100%) | 0 of 40 (0%) |" in printed  # thick copies at qc#head's, then their own
     assert "| any of them | 3 of 3 (100%) | 0 of 40 (0%) |" in printed
     assert "| failure (named, no mask) | 1 of 3 (33%) | 0 of 40 (0%) |" in printed

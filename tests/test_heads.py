@@ -174,7 +174,6 @@ def test_input_kind_from_field_of_view(head_run, synthetic_task):
 
 def test_configured_box_centres_are_where_the_model_finds_the_template_hippocampi():
     import yaml
-
     from tools.atlas import centres
 
     cwd = os.getcwd()
@@ -286,13 +285,12 @@ def test_freesurfer_input_gets_a_nifti_mask_on_its_own_grid(head_run):
 def test_head_volume_ranges_scale_with_etiv(head_run):
     """The template's hippocampi are as large as its head: flagged for their size only if the head were small."""
     import yaml
-
     from scripts.qc.check import QualityCheck
 
     _, output, _, _, _ = head_run
     with open(os.path.join(os.path.dirname(os.path.dirname(TEMPLATE)), "configs", "inference.yaml")) as f:
         qc = yaml.safe_load(f)["qc"]
-    quality = QualityCheck(qc["volume_range"], qc["min_confidence"], qc["reference_etiv_mm3"])
+    quality = QualityCheck(qc["volume_range"], qc["crop"], qc["reference_etiv_mm3"])
     mask = str(output / "template_seg.nii.gz")
     etiv = float(read_volumes(output)["template.nii.gz"]["etiv_mm3"])
     assert "outside" not in quality.row("template", mask, {"etiv_mm3": etiv}, 1.0).qc_reasons

@@ -134,9 +134,39 @@ def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
     assert result.returncode == 0 and nib.load(str(existing)).shape == nib.load(first).shape
 
 
-def test_torchscript_config_gives_the_same_masks(scans, crop_run, tmp_path):
-    """The committed models/model.ts (the export of models/model.pt: test_export_and_evaluate.py) through its config."""
-    eager_dir, eager = crop_run
+@pytest.fixture(scope="module")
+def single_model_run(scans, tmp_path_factory):
+    """The scans segmented by models/model.pt alone (`--ensemble false`), as heads and MONAI's clients are."""
+    out = tmp_path_factory.mktemp("single_model_run")
+    return out, run_inference(scans, out, "--ensemble", "false")
+
+
+def test_crops_are_segmented_by_the_folds_ensemble_with_a_qc_score(crop_run, single_model_run):
+    """By default the five fold models segment crops (their masks are not the single model's), and each crop's
+    qc_score is its test-time agreement, an estimate of its Dice."""
+    (ensemble_dir, ensemble), (single_dir, single) = crop_run, single_model_run
+    assert ensemble.returncode == 0 and single.returncode == 0, single.stderr[-3000:]
+    tables = []
+    for folder in (ensemble_dir, single_dir):
+        with open(folder / "volumes.csv", newline="", encoding="utf-8") as f:
+            tables.append({row["case"]: row for row in csv.DictReader(f)})
+    assert tables[0].keys() == tables[1].keys() and len(tables[0]) == 3
+    for table in tables:
+        assert all(0.0 <= float(row["qc_score"]) <= 1.0 for row in table.values())
+    differs = [
+        (
+            np.asarray(nib.load(str(ensemble_dir / name)).dataobj)
+            != np.asarray(nib.load(str(single_dir / name)).dataobj)
+        ).any()
+        for name in fnmatch.filter(os.listdir(ensemble_dir), "*_seg.nii.gz")
+    ]
+    assert any(differs)
+
+
+def test_torchscript_config_gives_the_same_masks(scans, single_model_run, tmp_path):
+    """The committed models/model.ts (the export of models/model.pt: test_export_and_evaluate.py) through its config,
+    against the same weights in eager mode."""
+    eager_dir, eager = single_model_run
     scripted = run_inference(scans, tmp_path / "ts", config="['configs/inference.yaml','configs/inference_ts.yaml']")
     assert eager.returncode == 0 and scripted.returncode == 0, scripted.stderr[-3000:]
     for name in fnmatch.filter(os.listdir(eager_dir), "*_seg.nii.gz"):
@@ -188,7 +218,6 @@ def test_unusable_output_folder_fails_before_any_work(scans, tmp_path):
 def test_flip_averaging_inferer_averages_mirrored_logits():
     import torch
     from monai.inferers import SimpleInferer
-
     from scripts.engine.inferers import FlipAveragingInferer
 
     weight = torch.linspace(0, 1, 8).view(1, 1, 8, 1, 1)  # a network that is not mirror symmetric

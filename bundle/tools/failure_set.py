@@ -23,8 +23,9 @@ from tools.head_check import TEMPLATE, configured_segmenter, label_sides, resamp
 
 BAD_DICE = 0.8  # a side below it against the clean head's mask is a failure QC should catch
 CASE_COLUMNS = ("case", "head", "variant", "group", "description")
-# (group, description) of each copy; the registration copies are the clean image, segmented with the registration's
-# map pushed off
+THICK_PLANES = {"sagittal": "left-right", "coronal": "anterior-posterior", "axial": "superior-inferior"}  # x, y, z
+# (group, description) of each copy: harmless (good), damaged, or harmless thick-slice (thick); the registration
+# copies are the clean image, segmented with the registration's map pushed off
 VARIANTS = {
     "clean": ("good", "as acquired"),
     "moved": ("good", "header rotated 10-15 degrees and moved 15-20 mm"),
@@ -33,6 +34,10 @@ VARIANTS = {
     "ghosting": ("damaged", "motion: 30% of k-space lines along one axis from a head moved 3-6 mm"),
     "noise": ("damaged", "Rician noise at 20% of the 99th percentile"),
     "slices6mm": ("damaged", "6 mm slices along the axis nearest superior-inferior"),
+    **{
+        f"slices5mm_{plane}": ("thick", f"5 mm slices along the axis nearest {direction}")
+        for plane, direction in THICK_PLANES.items()
+    },
     "bias": ("damaged", "bias field x8 across the head"),
     "grazing": ("damaged", "field of view ending at the right hippocampus's centre"),
     "inverted": ("damaged", "inverted contrast (T2-like)"),
@@ -70,11 +75,15 @@ def damaged(
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
         flip[:2, 3] = np.array(data.shape[:2]) - 1
         return data[::-1, ::-1].copy(), affine @ flip
-    if name in ("resampled", "slices6mm"):
+    if name == "resampled" or name.startswith("slices"):
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        spacing = (
-            np.full(3, 1.3) if name == "resampled" else np.where(np.arange(3) == _axis_nearest(affine, 2), 6.0, spacing)
-        )
+        if name == "resampled":
+            spacing = np.full(3, 1.3)
+        else:
+            world_axis = 2 if name == "slices6mm" else list(THICK_PLANES).index(name.split("_")[1])
+            spacing = np.where(
+                np.arange(3) == _axis_nearest(affine, world_axis), 6.0 if name == "slices6mm" else 5.0, spacing
+            )
         image = resampled(nib.Nifti1Image(data, affine), spacing)
         return image.get_fdata(dtype=np.float32), image.affine
     if name == "ghosting":
@@ -290,12 +299,12 @@ def is_bad(row: dict) -> bool:
     return bool(row["failed"]) or min(row["dice_left"], row["dice_right"]) < BAD_DICE
 
 
-def thresholds(rows: list[dict], false_alarms: float = 0.025) -> dict[str, float]:
-    """The heads' QC thresholds from a scored failure set (`qc#head` in configs/inference.yaml), set on its harmless
-    copies: the lower side's confidence and agreement each flag at most `false_alarms` of them (rounded down to
-    0.01), the asymmetry too (rounded up to 0.01); a side fails under the lowest agreement of any of them rounded
-    down to 0.1."""
-    harmless = [row for row in rows if row["group"] == "good" and not row["failed"]]
+def thresholds(rows: list[dict], false_alarms: float = 0.025, group: str = "good") -> dict[str, float]:
+    """The heads' QC thresholds from a scored failure set, set on its harmless copies of `group` (`good`: `qc#head`
+    in configs/inference.yaml; `thick`, the 5 mm copies: `qc#head_thick_slices`): the lower side's confidence and
+    agreement each flag at most `false_alarms` of them (rounded down to 0.01), the asymmetry too (rounded up to 0.01);
+    a side fails under the lowest agreement of any of them rounded down to 0.1."""
+    harmless = [row for row in rows if row["group"] == group and not row["failed"]]
 
     def lowest(signal: str) -> np.ndarray:
         return np.array([min(row[f"{signal}_left"], row[f"{signal}_right"]) for row in harmless])
@@ -338,6 +347,8 @@ def _print_scores(rows: list[dict]) -> None:
             f"{row['agreement_left']:.3f} / {row['agreement_right']:.3f} | {row['mutual_information']:.2f} | "
             f"{row['correlation']:.2f} | {row['asymmetry']:.2f} | |"
         )
+    thick = [row for row in rows if row["group"] == "thick"]
+    rows = [row for row in rows if row["group"] != "thick"]
     bad = [row for row in rows if is_bad(row)]
     harmless = [row for row in rows if row["group"] == "good"]
     chosen = thresholds(rows)
@@ -363,6 +374,21 @@ def _print_scores(rows: list[dict]) -> None:
         f"{np.corrcoef(estimate, actual)[0, 1]:.2f}, mean absolute difference {difference:.3f}"
     )
     _print_repeatability(rows)
+    if thick:
+        _print_thick(thick, chosen)
+
+
+def _print_thick(thick: list[dict], chosen: dict[str, float]) -> None:
+    """The thick-slice copies (5 mm, a plane each): their own thresholds by the same rule (`qc#head_thick_slices`),
+    and the false alarms of each signal at the heads' thresholds and at theirs. Their Dice against the clean head's
+    mask is left out: on a 5 mm grid it measures the grid more than the segmentation."""
+    own = thresholds(thick, group="thick")
+    print(f"\n{len(thick)} thick-slice copies (5 mm). Thresholds (qc#head_thick_slices): {own}\n")
+    print("| signal | false alarms at qc#head's thresholds | at qc#head_thick_slices' |")
+    print("|---|---|---|")
+    for name, flag in [*SIGNALS.items(), ("any of them", lambda row, t: any(f(row, t) for f in SIGNALS.values()))]:
+        counts = [sum(flag(row, t) for row in thick) for t in (chosen, own)]
+        print(f"| {name} | " + " | ".join(f"{n} of {len(thick)} ({n / len(thick):.0%})" for n in counts) + " |")
 
 
 def _print_repeatability(rows: list[dict]) -> None:

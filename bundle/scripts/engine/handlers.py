@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -15,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from scripts import BundleError, atomic_write
+from scripts.networks.ensemble import Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +172,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
 
     def __init__(self, load_path: str, load_dict: dict, **kwargs) -> None:
         super().__init__(load_path, load_dict, **kwargs)
-        if not os.path.isfile(load_path):
-            raise BundleError(f"{load_path}: no such weights or checkpoint file.")
-        try:
-            checkpoint = torch.load(load_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BundleError(
-                f"{load_path}: not a readable PyTorch checkpoint ({e.__class__.__name__}: {e})."
-            ) from None
+        checkpoint = read_checkpoint(load_path)
         if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:
             checkpoint = {next(iter(load_dict)): checkpoint}  # a plain state_dict, as CheckpointLoader reads it
         for name, obj in load_dict.items():
@@ -185,13 +180,35 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 continue
             if name not in checkpoint:
                 raise BundleError(f"{load_path}: has no {name!r} entry (it holds {', '.join(map(str, checkpoint))}).")
-            try:
-                getattr(obj, "module", obj).load_state_dict(checkpoint[name])
-            except RuntimeError as e:
-                problem = " ".join(str(e).split())
-                raise BundleError(
-                    f"{load_path} does not fit the configured network (another recipe's weights?): {problem[:400]}"
-                ) from None
+            load_weights(load_path, obj, checkpoint[name])
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint or state_dict of `path`, on the CPU; a missing or unreadable file is a `BundleError`."""
+    if not os.path.isfile(path):
+        raise BundleError(f"{path}: no such weights or checkpoint file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleError(f"{path}: not a readable PyTorch checkpoint ({e.__class__.__name__}: {e}).") from None
+
+
+def load_weights(path: str, network: torch.nn.Module, state_dict: dict | None = None) -> torch.nn.Module:
+    """`network` with the weights of `path` (or its already read `state_dict`); weights that do not fit it are a
+    `BundleError` naming the file."""
+    try:
+        getattr(network, "module", network).load_state_dict(read_checkpoint(path) if state_dict is None else state_dict)
+    except RuntimeError as e:
+        problem = " ".join(str(e).split())
+        raise BundleError(
+            f"{path} does not fit the configured network (another recipe's weights?): {problem[:400]}"
+        ) from None
+    return network
+
+
+def load_ensemble(network: torch.nn.Module, weight_files: Sequence[str]) -> Ensemble:
+    """An `Ensemble` of copies of `network` (its device and memory layout), each with the weights of one file."""
+    return Ensemble([load_weights(path, copy.deepcopy(network)) for path in weight_files])
 
 
 class LazySummaryWriter:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 from scripts import BundleError
 from scripts.engine import distributed
+from scripts.engine.inferers import EnsembleInferer
 from scripts.inference import bids
 from scripts.inference.cases import ConfidenceRecorder, failure_reason
 from scripts.inference.inputs import Inputs
@@ -34,8 +35,10 @@ class CaseRows:
     """The volumes-table row of each case this process segmented (`QualityCheck.row`), and a failure for each
     whose mask is missing."""
 
-    def __init__(self, inputs: Inputs, quality: QualityCheck, confidence: ConfidenceRecorder) -> None:
-        self.inputs, self.quality, self.confidence = inputs, quality, confidence
+    def __init__(
+        self, inputs: Inputs, quality: QualityCheck, confidence: ConfidenceRecorder, inferer: EnsembleInferer
+    ) -> None:
+        self.inputs, self.quality, self.confidence, self.inferer = inputs, quality, confidence, inferer
 
     def __call__(self, segmented: Sequence) -> tuple[list[Written], list[tuple[str, str]]]:
         """(image, mask, row, head result) of each written case of `segmented` (the crops' `CaseStream`, the heads'
@@ -53,8 +56,12 @@ class CaseRows:
                 failed.append((image, "no mask was written"))
                 continue
             head = results.get(image)
-            confidence = head["confidence"] if head else self.confidence.values.get(image)
-            written.append((image, mask, self.quality.row(self.inputs.case(image), mask, head, confidence), head))
+            if head:
+                row = self.quality.row(self.inputs.case(image), mask, head, head["confidence"])
+            else:
+                confidence, agreement = self.confidence.values.get(image), self.inferer.agreement.get(image)
+                row = self.quality.row(self.inputs.case(image), mask, None, confidence, agreement)
+            written.append((image, mask, row, head))
         return written, failed
 
 

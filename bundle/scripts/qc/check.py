@@ -119,44 +119,59 @@ class CaseRow:
 
 
 class QualityCheck:
-    """The `qc` of a written mask: `pass`, `review` or `fail`, its reasons in words (`qc_reasons`, `;`-separated) and,
-    for a head, `qc_score`, an estimate of its Dice (the lower of its sides' test-time agreements).
+    """The `qc` of a written mask: `pass`, `review` or `fail`, its reasons in words (`qc_reasons`, `;`-separated) and
+    its `qc_score`, an estimate of its Dice: a crop's test-time agreement (`scripts.engine.inferers.EnsembleInferer`),
+    the lower of a head's sides' (`scripts.head.segmenter`).
 
     Any case is flagged for review when its voxels are thicker than `max_slice_mm` along some axis (slices thicker
     than the model was checked on), a label is absent, its volume lies outside the range of the training labels
-    (scaled by a head's eTIV), or it is split into connected pieces. A crop is flagged for review when the model's
-    mean top-class probability inside its hippocampus is below `min_confidence`. A head's side is flagged for
+    (scaled by a head's eTIV), or it is split into connected pieces. A crop is flagged for review when its agreement
+    is below `crop["min_agreement"]` and fails below `crop["fail_agreement"]`. A head's side is flagged for
     review when its confidence is below `head["min_confidence"]` or its test-time agreement (`scripts.head.segmenter`) below
     `head["min_agreement"]`, and the head when its left and right hippocampi differ by more than
-    `head["max_asymmetry"]` of their mean; it fails when a side's agreement is below `head["fail_agreement"]`.
+    `head["max_asymmetry"]` of their mean; it fails when a side's agreement is below `head["fail_agreement"]`. A head
+    whose voxels are at least `head_thick_slices["min_slice_mm"]` thick is held to `head_thick_slices` instead.
 
     Args:
         volume_range: {"anterior": [low, high], "posterior": [low, high]} in mm3 (`python -m scripts.qc reference`),
             for one hippocampus (a crop, or one side of a head) of a head with eTIV `reference_etiv_mm3`.
-        min_confidence: the crops' confidence threshold (set on the development split).
+        crop: the crops' thresholds, `min_agreement` and `fail_agreement` (set on the cross-validation's out-of-fold
+            predictions: `python -m scripts.qc folds`); None: no agreement flags.
         reference_etiv_mm3: a head's ranges are scaled by its eTIV over this, so a large head is not flagged for
             its size (crops have no eTIV and keep the ranges as they are).
         head: the heads' thresholds, `min_confidence`, `min_agreement`, `fail_agreement` and `max_asymmetry` (set
-            on the failure set: `python -m tools.failure_set score`); None checks heads as crops.
+            on the failure set: `python -m tools.failure_set score`); None: no head signal flags.
+        head_thick_slices: the same thresholds for heads whose voxels are at least `min_slice_mm` thick along some
+            axis (clinical 2D series; set on the failure set's 5 mm copies); None: `head`'s for every head.
         max_slice_mm: the thickest voxels (mm, along any axis) the model's accuracy and volumes were measured on.
     """
 
     def __init__(
         self,
         volume_range: Mapping[str, Sequence[float]],
-        min_confidence: float,
+        crop: Mapping[str, float] | None = None,
         reference_etiv_mm3: float = 1_500_000.0,
         head: Mapping[str, float] | None = None,
         max_slice_mm: float = 5.0,
+        head_thick_slices: Mapping[str, float] | None = None,
     ) -> None:
         self.volume_range = {part: tuple(float(v) for v in volume_range[part]) for part in PARTS}
         self.max_slice_mm = float(max_slice_mm)
-        self.min_confidence = float(min_confidence)
+        self.crop = {key: float(value) for key, value in (crop or {}).items()}
         self.reference_etiv_mm3 = float(reference_etiv_mm3)
         self.head = {key: float(value) for key, value in (head or {}).items()}
+        self.head_thick_slices = {key: float(value) for key, value in (head_thick_slices or {}).items()}
 
-    def row(self, case: str, mask_file: str, head: dict | None = None, confidence: float | None = None) -> CaseRow:
-        """The `CaseRow` of one written mask; `head` is the head segmenter's result, None for a crop."""
+    def row(
+        self,
+        case: str,
+        mask_file: str,
+        head: dict | None = None,
+        confidence: float | None = None,
+        agreement: float | None = None,
+    ) -> CaseRow:
+        """The `CaseRow` of one written mask; `head` is the head segmenter's result, None for a crop, whose
+        `confidence` and test-time `agreement` come from its inference."""
         mask = nib.load(mask_file)
         labels = np.asarray(mask.dataobj, dtype=np.uint8)
         if labels.any():
@@ -192,28 +207,35 @@ class QualityCheck:
             pieces = ndimage.label(labels[box] == label, structure=np.ones((3, 3, 3)))[1] if box else 1
             if pieces > 1:
                 review.append(f"{name} in {pieces} pieces")
-        if kind == "head" and head is not None and self.head:
-            self._head_signals(head, row, review, fail)
-        if (kind == "crop" or not self.head) and confidence is not None and not confidence >= self.min_confidence:
-            review.append(f"confidence {confidence:.3f} < {self.min_confidence}")
+        thick = self.head_thick_slices and slice_mm >= self.head_thick_slices["min_slice_mm"]
+        thresholds = self.head_thick_slices if thick else self.head
+        if kind == "head" and head is not None and thresholds:
+            self._head_signals(head, row, review, fail, thresholds)
+        if kind == "crop" and agreement is not None:
+            row.qc_score = agreement
+            if self.crop and agreement < self.crop["fail_agreement"]:
+                fail.append(f"test-time augmentations agree at {agreement:.2f}")
+            elif self.crop and agreement < self.crop["min_agreement"]:
+                review.append(f"test-time augmentations agree at {agreement:.2f}")
         row.qc = "fail" if fail else "review" if review else "pass"
         row.reasons = fail + review
         return row
 
-    def _head_signals(self, head: dict, row: CaseRow, review: list[str], fail: list[str]) -> None:
+    @staticmethod
+    def _head_signals(head: dict, row: CaseRow, review: list[str], fail: list[str], thresholds: dict) -> None:
         """A head's per-side confidence and test-time agreement and its `qc_score` into `row`, and the reasons they
-        give."""
+        give at `thresholds`."""
         for side in SIDES:
             confidence, agreement = head["side_confidence"][side], head["side_agreement"][side]
             row.side_confidence[side], row.side_agreement[side] = confidence, agreement
-            if agreement < self.head["fail_agreement"]:
+            if agreement < thresholds["fail_agreement"]:
                 fail.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.2f}")
-            elif agreement < self.head["min_agreement"]:
+            elif agreement < thresholds["min_agreement"]:
                 review.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.2f}")
-            if confidence < self.head["min_confidence"]:
+            if confidence < thresholds["min_confidence"]:
                 review.append(f"{side} hippocampus: confidence {confidence:.3f}")
         difference = abs(asymmetry(*(row.volume(side) for side in SIDES)))
-        if difference > self.head["max_asymmetry"]:
+        if difference > thresholds["max_asymmetry"]:
             review.append(f"left and right hippocampi differ by {100 * difference:.0f}%")
         row.qc_score = min(head["side_agreement"].values())
 

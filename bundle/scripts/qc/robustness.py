@@ -61,11 +61,13 @@ def robustness(
     cases: int | None = None,
     degradations: str | list[str] | None = None,
     ckpt_file: str | None = None,
+    ensemble: bool = True,
     seed: int = 0,
 ) -> None:
     """Degrades each of a split's scans on its own grid (`DEGRADATIONS`, seeded per case), segments them all with
-    configs/inference.yaml (`ckpt_file` for other weights) and prints Dice per class per degradation, against each
-    case's own label; writes `robustness.csv` (the table) and `robustness_cases.csv` (per case) in `output_dir`.
+    configs/inference.yaml (the single model, or `ckpt_file`'s, with `ensemble` False) and prints Dice per class per
+    degradation, against each case's own label; writes `robustness.csv` (the table) and `robustness_cases.csv` (per
+    case) in `output_dir`.
 
     Args:
         cases: only the split's first `cases` scans.
@@ -89,7 +91,13 @@ def robustness(
                 nib.Nifti1Image(degraded, scan.affine), os.path.join(images, name, os.path.basename(case["image"]))
             )
     segment_folder(
-        images, masks, "--recursive", "true", *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else [])
+        images,
+        masks,
+        "--recursive",
+        "true",
+        "--ensemble",
+        str(ensemble).lower(),
+        *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else []),
     )
 
     per_case = []

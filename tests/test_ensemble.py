@@ -1,0 +1,74 @@
+"""The crops' ensemble of the cross-validation's fold models and its test-time agreement (the crops' qc_score)."""
+
+import os
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SimpleInferer
+
+from conftest import BUNDLE_DIR
+from scripts.engine.inferers import EnsembleInferer, FlipAveragingInferer
+from scripts.networks.ensemble import Ensemble
+from scripts.recipe import load
+
+
+def conv(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Conv3d(1, 3, 3, padding=1)
+
+
+def test_ensemble_averages_its_members_probabilities():
+    members = [conv(0), conv(1)]
+    x = torch.rand(2, 1, 8, 6, 4)
+    expected = (members[0](x).softmax(1) + members[1](x).softmax(1)) / 2
+    with torch.no_grad():
+        torch.testing.assert_close(Ensemble(members)(x).softmax(1), expected)
+        torch.testing.assert_close(Ensemble(members[:1])(x).softmax(1), members[0](x).softmax(1))
+
+
+def test_one_network_is_flip_averaged_as_before_and_its_agreement_kept():
+    """One network: the flip-averaged logits exactly (heads and MONAI's clients get them); each case's agreement
+    under its file name, 1 for a mirror-symmetric network and below 1 for one that is not."""
+    flips = FlipAveragingInferer(SimpleInferer(), [0])
+    x = MetaTensor(torch.rand(2, 1, 8, 6, 4), meta={"filename_or_obj": ["a.nii.gz", "b.nii.gz"]})
+    symmetric = conv(0).eval()
+    with torch.no_grad():
+        symmetric.weight.copy_((symmetric.weight + symmetric.weight.flip(2)) / 2)
+        asymmetric = lambda t: conv(1)(t) + torch.linspace(-3, 3, 8).view(1, 1, 8, 1, 1) * torch.tensor(  # noqa: E731
+            [0.0, 1.0, -1.0]
+        ).view(1, 3, 1, 1, 1)
+        inferer = EnsembleInferer(flips)
+        assert torch.equal(inferer(x, symmetric), flips(x, symmetric))
+        assert inferer.agreement == {"a.nii.gz": 1.0, "b.nii.gz": 1.0}
+        inferer(x, asymmetric)
+        assert all(value < 0.9 for value in inferer.agreement.values()), inferer.agreement
+        no_flips = EnsembleInferer(FlipAveragingInferer(SimpleInferer(), []))
+        no_flips(x, symmetric)
+        assert no_flips.agreement == {}  # one pass: nothing to agree with
+
+
+def test_ensemble_inferer_averages_each_members_flip_averaged_probabilities():
+    flips = FlipAveragingInferer(SimpleInferer(), [0])
+    members = [conv(0).eval(), conv(1).eval()]
+    x = torch.rand(1, 1, 8, 6, 4)
+    with torch.no_grad():
+        expected = (flips(x, members[0]).softmax(1) + flips(x, members[1]).softmax(1)) / 2
+        torch.testing.assert_close(EnsembleInferer(flips)(x, Ensemble(members).eval()).softmax(1), expected)
+
+
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_crops_network_is_the_fold_models_unless_ensemble_false(ensemble):
+    parser = load(BUNDLE_DIR, ["configs/inference.yaml"], {"ensemble": ensemble, "device": "cpu"})
+    network = parser.get_parsed_content("crop_network")
+    if not ensemble:
+        assert network is parser.get_parsed_content("network")
+        return
+    files = parser.get_parsed_content("fold_files")
+    assert isinstance(network, Ensemble) and len(network.members) == len(files) == 5
+    for member, path in zip(network.members, files):
+        assert os.path.isfile(path)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        for name, value in member.state_dict().items():
+            torch.testing.assert_close(value, weights[name].to(value.dtype))
+    assert parser.get_parsed_content("evaluator").network is network
