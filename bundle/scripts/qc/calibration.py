@@ -177,6 +177,10 @@ def folds(
         summary["pair"] = _pair_out_of_fold(dataset_dir, output_dir, weights_dir, os.path.abspath(pair_with), results)
     for r in results:
         r["dice_lower"] = min(r[f"dice_{part}"] for part in PARTS)
+    with open(os.path.join(output_dir, "out_of_fold.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
     summary["cases"] = len(results)
     summary["mean"] = {f"dice_{part}": round(float(np.mean([r[f"dice_{part}"] for r in results])), 4) for part in PARTS}
     summary["spearman"] = {
@@ -187,6 +191,9 @@ def folds(
         for signal in ("qc_score", "confidence")
     }
     accurate = np.array([r["qc_score"] for r in results if r["dice_lower"] >= ACCURATE_DICE])
+    if not len(accurate):
+        summary["thresholds"] = f"none: no case reaches Dice {ACCURATE_DICE}"
+        return summary
     summary["thresholds"] = {
         "min_agreement": math.floor(100 * float(np.quantile(accurate, FALSE_ALARMS))) / 100,
         "fail_agreement": math.floor(100 * float(accurate.min())) / 100,
@@ -199,10 +206,6 @@ def folds(
         "dice_lower_flagged": round(float(np.mean([r["dice_lower"] for r in flagged])), 4) if flagged else math.nan,
         "dice_lower_passed": round(float(np.mean([r["dice_lower"] for r in results if r not in flagged])), 4),
     }
-    with open(os.path.join(output_dir, "out_of_fold.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
     return summary
 
 
