@@ -101,7 +101,8 @@ def test_sharded_recursive_run_writes_each_mask_once_and_one_table(bids, tmp_pat
         voxel = abs(np.linalg.det(nib.load(str(out / mask)).affine[:3, :3]))
         assert float(rows[case]["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, abs=0.5)
         confidence = rows[case]["confidence"]  # empty when nothing was segmented
-        assert rows[case]["qc"] in ("pass", "review") and (confidence == "" or 0 < float(confidence) <= 1)
+        # synthetic crops: the ensemble's models may disagree enough to fail one, as their masks stand
+        assert rows[case]["qc"] in ("pass", "review", "fail") and (confidence == "" or 0 < float(confidence) <= 1)
     pictures = sorted(
         os.path.relpath(p, out / "qc") for p in glob.glob(str(out / "qc" / "**" / "*.png"), recursive=True)
     )
@@ -191,7 +192,7 @@ def test_quality_flags(tmp_path):
     labels[20:32, 5:17, 5:17] = 2
     good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95, agreement=0.95)
     assert (good.qc, good.qc_reasons, good.columns()["anterior_mm3"]) == ("pass", "", "1728.0")
-    assert good.columns()["qc_score"] == "0.950"  # a crop's qc_score is its test-time agreement
+    assert good.columns()["qc_score"] == "0.950"  # a crop's qc_score is its models' agreement
     split = labels.copy()
     split[35:38, 35:38, 35:38] = 2  # a second piece of posterior
     row = check.row("split", write_mask(tmp_path / "split.nii.gz", split), confidence=0.95)
@@ -200,10 +201,10 @@ def test_quality_flags(tmp_path):
     row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), agreement=0.85)
     assert (
         row.qc_reasons
-        == "anterior 13824 mm3 outside 1000-3000; posterior absent; test-time augmentations agree at 0.85"
+        == "anterior 13824 mm3 outside 1000-3000; posterior absent; the ensemble's models agree at 0.85"
     )
     row = check.row("disagrees", write_mask(tmp_path / "good.nii.gz", labels), agreement=0.6)
-    assert (row.qc, row.qc_reasons) == ("fail", "test-time augmentations agree at 0.60")
+    assert (row.qc, row.qc_reasons) == ("fail", "the ensemble's models agree at 0.60")
     head = np.zeros((40, 40, 40), np.uint8)
     head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17] = 1, 2, 3
     row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6}, confidence=0.95)

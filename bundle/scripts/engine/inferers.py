@@ -22,63 +22,51 @@ class FlipAveragingInferer(Inferer):
         self.inferer = inferer
         self.spatial_axes = list(spatial_axes)
 
-    def passes(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
-        """The logits of the input as it is, then of each mirror image mapped back (batch and channel first)."""
-        outputs = [self.inferer(inputs, network, *args, **kwargs)]
-        for axis in self.spatial_axes:
-            dims = [axis + 2]
-            outputs.append(self.inferer(inputs.flip(dims), network, *args, **kwargs).flip(dims))
-        return outputs
-
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outputs = self.inferer(inputs, network, *args, **kwargs)
         if getattr(network, "training", False):
-            return self.inferer(inputs, network, *args, **kwargs)
-        passes = self.passes(inputs, network, *args, **kwargs)
-        return sum(passes[1:], passes[0]) / len(passes)
+            return outputs
+        for axis in self.spatial_axes:
+            dims = [axis + 2]  # batch and channel first
+            outputs = outputs + self.inferer(inputs.flip(dims), network, *args, **kwargs).flip(dims)
+        return outputs / (1 + len(self.spatial_axes))
 
 
-def pass_agreement(passes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(batch, foreground label) Dice between the arg-max of the first pass's logits and each other pass's, averaged
-    over the other passes; nan where a label is in neither mask."""
-    passes = [convert_to_tensor(p, track_meta=False) for p in passes]
-    first = passes[0].argmax(1)
-    labels = torch.arange(1, passes[0].shape[1], device=first.device).view(1, -1, *[1] * (first.ndim - 1))
-    first = first.unsqueeze(1) == labels
-    dices = []
-    for other in passes[1:]:
-        other = other.argmax(1).unsqueeze(1) == labels
-        dims = tuple(range(2, first.ndim))
-        both = (first & other).sum(dims).double()
-        dices.append(2 * both / (first.sum(dims) + other.sum(dims)).double())  # 0 / 0: nan
-    return torch.stack(dices).mean(0)
+def pairwise_agreement(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(batch, foreground label) Dice between the arg-max masks of each pair of `logits` (batch, channel, ...),
+    averaged over the pairs; nan where a label is in no mask of any pair."""
+    logits = [convert_to_tensor(x, track_meta=False) for x in logits]
+    labels = torch.arange(1, logits[0].shape[1], device=logits[0].device)
+    masks = [x.argmax(1, keepdim=True) == labels.view(1, -1, *[1] * (x.ndim - 2)) for x in logits]
+    dims = tuple(range(2, masks[0].ndim))
+    dices = [
+        2 * (a & b).sum(dims).double() / (a.sum(dims) + b.sum(dims)).double()  # 0 / 0: nan
+        for i, a in enumerate(masks)
+        for b in masks[i + 1 :]
+    ]
+    return torch.stack(dices).nanmean(0)
 
 
 class EnsembleInferer(Inferer):
-    """`inferer`'s flip averaging for each member of an `Ensemble` (a plain network is an ensemble of one), their
-    softmax probabilities averaged (`Ensemble.combine`); one network's logits are returned as they are.
+    """`inferer` (flip averaging) for each member of an `Ensemble`, their softmax probabilities averaged
+    (`Ensemble.combine`); a plain network's logits are returned as `inferer` gives them.
 
-    Each case's test-time agreement is kept in `agreement` under its image path: for each label, the Dice of each
-    member's mask on the input against its masks on the mirror images, averaged over the members; the case's the
-    lower label's. It estimates the case's Dice (`python -m scripts.qc folds`) and is the crops' `qc_score`.
+    Each case's agreement is kept in `agreement` under its image path: for each label, the Dice between the masks
+    of each pair of members, averaged over the pairs; the case's the lower label's. It estimates the case's Dice
+    (`python -m scripts.qc folds`) and is a crop's `qc_score`. A plain network has none.
     """
 
-    def __init__(self, inferer: FlipAveragingInferer) -> None:
+    def __init__(self, inferer: Inferer) -> None:
         self.inferer = inferer
         self.agreement: dict[str, float] = {}
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if getattr(network, "training", False):
+        if not isinstance(network, Ensemble) or network.training:
             return self.inferer(inputs, network, *args, **kwargs)
-        members = list(network.members) if isinstance(network, Ensemble) else [network]
-        logits, agreements = [], []
-        for member in members:
-            passes = self.inferer.passes(inputs, member, *args, **kwargs)
-            logits.append(sum(passes[1:], passes[0]) / len(passes))
-            if len(passes) > 1:
-                agreements.append(pass_agreement(passes))
+        logits = [self.inferer(inputs, member, *args, **kwargs) for member in network.members]
         names = getattr(inputs, "meta", {}).get("filename_or_obj")
-        if agreements and names is not None:
-            per_case = torch.stack(agreements).nanmean(0).nan_to_num(1.0).amin(1)  # a label in no mask agrees
+        if len(logits) > 1 and names is not None:
+            per_case = pairwise_agreement(logits).nan_to_num(1.0).amin(1)  # a label in no mask agrees
             for name, value in zip([names] if isinstance(names, str) else names, per_case.tolist()):
                 self.agreement[str(name)] = value
-        return logits[0] if len(logits) == 1 else Ensemble.combine(logits)
+        return Ensemble.combine(logits)

@@ -145,17 +145,20 @@ def folds(
     dataset_dir: str, output_dir: str = "eval/folds", weights_dir: str = "models", pair_with: str | None = None
 ) -> dict:
     """The cross-validation out of fold: each fold's validation cases segmented by that fold's model alone
-    (`weights_dir/fold<k>.pt`, `--ensemble false`), so no case is segmented by a model that trained on it. Prints
-    and returns the Dice of the folds and their mean, the rank correlation (Spearman) of `qc_score` and of the
-    confidence with each case's Dice, and the crops' agreement thresholds (`qc#crop`) by the rule: review under the
-    agreement that flags `FALSE_ALARMS` of the accurate cases (lower label's Dice at least `ACCURATE_DICE`), fail under
-    the lowest agreement of any accurate case, each rounded down to 0.01.
+    (`weights_dir/fold<k>.pt`, `--ensemble false`), so no case is segmented by a model that trained on it; prints and
+    returns the Dice of each fold and their mean, and the confidence's rank correlation (Spearman) with each case's
+    Dice. Writes `output_dir/out_of_fold.csv`.
 
-    Every fold but one trained on each case, so the ensemble itself has no out-of-fold score. With `pair_with` (the
-    weights trained on configs/train.yaml's training split, e.g. models/model.pt), the validation split's cases,
-    which neither it nor the case's fold trained on, are also segmented by it alone and by the ensemble of the two:
-    what averaging two models adds, out of fold."""
-    from scipy.stats import spearmanr
+    A crop's `qc_score` is the agreement between the ensemble's members (`scripts.engine.inferers.EnsembleInferer`),
+    and every fold but one trained on each case, so the folds' own ensemble cannot be scored out of fold. With
+    `pair_with` (weights of the same recipe trained on configs/train.yaml's training split: models/model.pt), the
+    validation split's cases, which neither it nor the case's fold trained on, are segmented by the ensemble of the
+    two: the pair's agreement is the same measure (the mean over pairs of members) that five members give, out of
+    fold. Then its rank correlation with the pair's Dice and the crops' thresholds (`qc#crop`) by the rule: review
+    under the agreement that flags `FALSE_ALARMS` of the accurate cases (lower label's Dice at least
+    `ACCURATE_DICE`; rounded down to 0.01), fail under the lowest agreement of any accurate case rounded down to 0.1
+    (the heads' rule, `tools.failure_set.thresholds`); and the Dice
+    of the case's fold model, of `pair_with` alone and of the pair, what averaging two models adds."""
     from scripts.recipe import load
 
     dataset_dir, weights_dir = os.path.abspath(dataset_dir), os.path.abspath(weights_dir)
@@ -169,60 +172,47 @@ def folds(
         weights = os.path.join(weights_dir, f"fold{fold}.pt")
         segment_folder(images, masks, "--ensemble", "false", "--ckpt_file", weights)
         fold_results = [{"fold": fold, **r} for r in score_masks(cases, masks)]
-        summary["folds"][fold] = {
-            f"dice_{p}": round(float(np.mean([r[f"dice_{p}"] for r in fold_results])), 4) for p in PARTS
-        }
+        summary["folds"][fold] = _mean_dice(fold_results)
         results += fold_results
-    if pair_with:
-        summary["pair"] = _pair_out_of_fold(dataset_dir, output_dir, weights_dir, os.path.abspath(pair_with), results)
-    for r in results:
-        r["dice_lower"] = min(r[f"dice_{part}"] for part in PARTS)
     with open(os.path.join(output_dir, "out_of_fold.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(results[0]))
         writer.writeheader()
         writer.writerows(results)
     summary["cases"] = len(results)
-    summary["mean"] = {f"dice_{part}": round(float(np.mean([r[f"dice_{part}"] for r in results])), 4) for part in PARTS}
-    summary["spearman"] = {
-        signal: {
-            target: round(float(spearmanr([r[signal] for r in results], [r[target] for r in results])[0]), 3)
-            for target in ("dice_lower", *(f"dice_{part}" for part in PARTS))
-        }
-        for signal in ("qc_score", "confidence")
-    }
-    accurate = np.array([r["qc_score"] for r in results if r["dice_lower"] >= ACCURATE_DICE])
-    if not len(accurate):
-        summary["thresholds"] = f"none: no case reaches Dice {ACCURATE_DICE}"
-        return summary
-    summary["thresholds"] = {
-        "min_agreement": math.floor(100 * float(np.quantile(accurate, FALSE_ALARMS))) / 100,
-        "fail_agreement": math.floor(100 * float(accurate.min())) / 100,
-    }
-    flagged = [r for r in results if r["qc_score"] < summary["thresholds"]["min_agreement"]]
-    summary["flagged"] = {
-        "cases": len(flagged),
-        "inaccurate_cases": sum(r["dice_lower"] < ACCURATE_DICE for r in results),
-        "inaccurate_flagged": sum(r["dice_lower"] < ACCURATE_DICE for r in flagged),
-        "dice_lower_flagged": round(float(np.mean([r["dice_lower"] for r in flagged])), 4) if flagged else math.nan,
-        "dice_lower_passed": round(float(np.mean([r["dice_lower"] for r in results if r not in flagged])), 4),
-    }
+    summary["mean"] = _mean_dice(results)
+    summary["confidence_spearman"] = _spearman(results, "confidence")
+    if pair_with:
+        summary["pair"] = _pairs(dataset_dir, output_dir, weights_dir, os.path.abspath(pair_with), results)
     return summary
 
 
-def _pair_out_of_fold(dataset_dir: str, output_dir: str, weights_dir: str, other: str, out_of_fold: list[dict]) -> dict:
-    """Dice on the validation split's cases of: their fold's model (from `out_of_fold`), `other` alone, and the
-    ensemble of the two."""
+def _mean_dice(results: list[dict]) -> dict[str, float]:
+    return {f"dice_{part}": round(float(np.mean([r[f"dice_{part}"] for r in results])), 4) for part in PARTS}
+
+
+def _lower_dice(result: dict) -> float:
+    return min(result[f"dice_{part}"] for part in PARTS)
+
+
+def _spearman(results: list[dict], signal: str) -> dict[str, float]:
+    """Spearman's rank correlation of `signal` with each label's Dice and with the lower label's."""
+    from scipy.stats import spearmanr
+
+    values = [r[signal] for r in results]
+    targets = {"lower": [_lower_dice(r) for r in results]}
+    targets.update({part: [r[f"dice_{part}"] for r in results] for part in PARTS})
+    return {name: round(float(spearmanr(values, target)[0]), 3) for name, target in targets.items()}
+
+
+def _pairs(dataset_dir: str, output_dir: str, weights_dir: str, other: str, out_of_fold: list[dict]) -> dict:
+    """The validation split's cases segmented by `other` alone and by the ensemble of `other` and the case's fold
+    model: Dice of each, the pair's agreement against its Dice, and the thresholds it gives."""
     cases = split_cases(dataset_dir, "validation")
-    names = {os.path.basename(case["image"]) for case in cases}
     fold_of = {r["case"]: r["fold"] for r in out_of_fold}
     folder = os.path.join(output_dir, "pair")
+    alone = os.path.join(folder, "alone")
     segment_folder(
-        link_images(cases, os.path.join(folder, "images")),
-        os.path.join(folder, "alone"),
-        "--ensemble",
-        "false",
-        "--ckpt_file",
-        other,
+        link_images(cases, os.path.join(folder, "images")), alone, "--ensemble", "false", "--ckpt_file", other
     )
     groups: dict[int, list[dict]] = {}
     for case in cases:
@@ -231,18 +221,34 @@ def _pair_out_of_fold(dataset_dir: str, output_dir: str, weights_dir: str, other
     for fold, fold_cases in sorted(groups.items()):
         images = link_images(fold_cases, os.path.join(folder, f"fold{fold}", "images"))
         masks = os.path.join(folder, f"fold{fold}", "masks")
-        files = repr([other, os.path.join(weights_dir, f"fold{fold}.pt")])
-        segment_folder(images, masks, "--fold_files", files)
+        segment_folder(images, masks, "--fold_files", repr([other, os.path.join(weights_dir, f"fold{fold}.pt")]))
         paired += score_masks(fold_cases, masks)
-    rows = {
-        "fold model": [r for r in out_of_fold if r["case"] in names],
-        "other alone": score_masks(cases, os.path.join(folder, "alone")),
-        "both": paired,
+    names = {os.path.basename(case["image"]) for case in cases}
+    summary = {
+        "cases": len(cases),
+        "fold model": _mean_dice([r for r in out_of_fold if r["case"] in names]),
+        "other alone": _mean_dice(score_masks(cases, alone)),
+        "both": _mean_dice(paired),
+        "qc_score_spearman": _spearman(paired, "qc_score"),
     }
+    accurate = np.array([r["qc_score"] for r in paired if _lower_dice(r) >= ACCURATE_DICE])
+    if not len(accurate):
+        return {**summary, "thresholds": f"none: no case reaches Dice {ACCURATE_DICE}"}
+    thresholds = {
+        "min_agreement": math.floor(100 * float(np.quantile(accurate, FALSE_ALARMS))) / 100,
+        "fail_agreement": math.floor(10 * float(accurate.min())) / 10,
+    }
+    flagged = [r for r in paired if r["qc_score"] < thresholds["min_agreement"]]
     return {
-        name: {f"dice_{p}": round(float(np.mean([r[f"dice_{p}"] for r in group])), 4) for p in PARTS}
-        for name, group in rows.items()
-    } | {"cases": len(cases)}
+        **summary,
+        "thresholds": thresholds,
+        "flagged": [(r["case"], round(r["qc_score"], 3), round(_lower_dice(r), 3)) for r in flagged],
+        "inaccurate": [
+            (r["case"], round(r["qc_score"], 3), round(_lower_dice(r), 3))
+            for r in paired
+            if _lower_dice(r) < ACCURATE_DICE
+        ],
+    }
 
 
 def _summarise(results: list[dict]) -> dict:
@@ -261,12 +267,8 @@ def _summarise(results: list[dict]) -> dict:
             "pearson_r": round(float(np.corrcoef(true, pred)[0, 1]), 3),
             "mean_abs_error_pct": round(float(np.mean(np.abs(pred - true) / true) * 100), 2),
         }
-    scores = [r["qc_score"] for r in results]
-    if None not in scores and len(results) > 2:
-        from scipy.stats import spearmanr
-
-        lower = [min(r[f"dice_{part}"] for part in PARTS) for r in results]
-        summary["qc_score_spearman_lower_dice"] = round(float(spearmanr(scores, lower)[0]), 3)
+    if all(r["qc_score"] is not None for r in results) and len(results) > 2:
+        summary["qc_score_spearman"] = _spearman(results, "qc_score")
     confidences = np.array([r["confidence"] for r in results])
     summary["confidence"] = {
         "min": round(float(confidences.min()), 4),

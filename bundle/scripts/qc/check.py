@@ -120,13 +120,14 @@ class CaseRow:
 
 class QualityCheck:
     """The `qc` of a written mask: `pass`, `review` or `fail`, its reasons in words (`qc_reasons`, `;`-separated) and
-    its `qc_score`, an estimate of its Dice: a crop's test-time agreement (`scripts.engine.inferers.EnsembleInferer`),
-    the lower of a head's sides' (`scripts.head.segmenter`).
+    its `qc_score`, an estimate of its Dice: the agreement of the ensemble's models on a crop
+    (`scripts.engine.inferers.EnsembleInferer`), the lower of a head's sides' test-time agreements
+    (`scripts.head.segmenter`).
 
     Any case is flagged for review when its voxels are thicker than `max_slice_mm` along some axis (slices thicker
     than the model was checked on), a label is absent, its volume lies outside the range of the training labels
-    (scaled by a head's eTIV), or it is split into connected pieces. A crop is flagged for review when its agreement
-    is below `crop["min_agreement"]` and fails below `crop["fail_agreement"]`. A head's side is flagged for
+    (scaled by a head's eTIV), or it is split into connected pieces. A crop is flagged for review when its models'
+    agreement is below `crop["min_agreement"]` and fails below `crop["fail_agreement"]`. A head's side is flagged for
     review when its confidence is below `head["min_confidence"]` or its test-time agreement (`scripts.head.segmenter`) below
     `head["min_agreement"]`, and the head when its left and right hippocampi differ by more than
     `head["max_asymmetry"]` of their mean; it fails when a side's agreement is below `head["fail_agreement"]`. A head
@@ -135,8 +136,8 @@ class QualityCheck:
     Args:
         volume_range: {"anterior": [low, high], "posterior": [low, high]} in mm3 (`python -m scripts.qc reference`),
             for one hippocampus (a crop, or one side of a head) of a head with eTIV `reference_etiv_mm3`.
-        crop: the crops' thresholds, `min_agreement` and `fail_agreement` (set on the cross-validation's out-of-fold
-            predictions: `python -m scripts.qc folds`); None: no agreement flags.
+        crop: the crops' thresholds, `min_agreement` and `fail_agreement` (set on pairs of models that never saw
+            the case: `python -m scripts.qc folds`); None: no agreement flags.
         reference_etiv_mm3: a head's ranges are scaled by its eTIV over this, so a large head is not flagged for
             its size (crops have no eTIV and keep the ranges as they are).
         head: the heads' thresholds, `min_confidence`, `min_agreement`, `fail_agreement` and `max_asymmetry` (set
@@ -171,7 +172,7 @@ class QualityCheck:
         agreement: float | None = None,
     ) -> CaseRow:
         """The `CaseRow` of one written mask; `head` is the head segmenter's result, None for a crop, whose
-        `confidence` and test-time `agreement` come from its inference."""
+        `confidence` and models' `agreement` come from its inference."""
         mask = nib.load(mask_file)
         labels = np.asarray(mask.dataobj, dtype=np.uint8)
         if labels.any():
@@ -214,9 +215,9 @@ class QualityCheck:
         if kind == "crop" and agreement is not None:
             row.qc_score = agreement
             if self.crop and agreement < self.crop["fail_agreement"]:
-                fail.append(f"test-time augmentations agree at {agreement:.2f}")
+                fail.append(f"the ensemble's models agree at {agreement:.2f}")
             elif self.crop and agreement < self.crop["min_agreement"]:
-                review.append(f"test-time augmentations agree at {agreement:.2f}")
+                review.append(f"the ensemble's models agree at {agreement:.2f}")
         row.qc = "fail" if fail else "review" if review else "pass"
         row.reasons = fail + review
         return row
