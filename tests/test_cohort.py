@@ -200,8 +200,7 @@ def test_quality_flags(tmp_path):
     no_posterior = np.where(labels == 2, 0, labels)
     row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), agreement=0.85)
     assert (
-        row.qc_reasons
-        == "anterior 13824 mm3 outside 1000-3000; posterior absent; the ensemble's models agree at 0.85"
+        row.qc_reasons == "anterior 13824 mm3 outside 1000-3000; posterior absent; the ensemble's models agree at 0.85"
     )
     row = check.row("disagrees", write_mask(tmp_path / "good.nii.gz", labels), agreement=0.6)
     assert (row.qc, row.qc_reasons) == ("fail", "the ensemble's models agree at 0.60")

@@ -195,9 +195,11 @@ def _lower_dice(result: dict) -> float:
 
 
 def _spearman(results: list[dict], signal: str) -> dict[str, float]:
-    """Spearman's rank correlation of `signal` with each label's Dice and with the lower label's."""
+    """Spearman's rank correlation of `signal` with each label's Dice and with the lower label's, over the cases that
+    have it."""
     from scipy.stats import spearmanr
 
+    results = [r for r in results if r[signal] is not None and not math.isnan(r[signal])]
     values = [r[signal] for r in results]
     targets = {"lower": [_lower_dice(r) for r in results]}
     targets.update({part: [r[f"dice_{part}"] for r in results] for part in PARTS})
@@ -267,7 +269,7 @@ def _summarise(results: list[dict]) -> dict:
             "pearson_r": round(float(np.corrcoef(true, pred)[0, 1]), 3),
             "mean_abs_error_pct": round(float(np.mean(np.abs(pred - true) / true) * 100), 2),
         }
-    if all(r["qc_score"] is not None for r in results) and len(results) > 2:
+    if any(r["qc_score"] is not None for r in results):
         summary["qc_score_spearman"] = _spearman(results, "qc_score")
     confidences = np.array([r["confidence"] for r in results])
     summary["confidence"] = {
