@@ -218,7 +218,7 @@ def test_quality_flags(tmp_path):
     affine = np.diag([1.0, 1.0, 6.0, 1.0])
     nib.save(nib.Nifti1Image(thick, affine), str(tmp_path / "thick.nii.gz"))
     row = check.row("thick", str(tmp_path / "thick.nii.gz"), confidence=0.95)
-    assert row.qc == "review" and row.qc_reasons == "6 mm slices, thicker than the 5 mm checked", row.qc_reasons
+    assert row.qc == "review" and row.qc_reasons == "6 mm slices: volumes move on slices over 5 mm", row.qc_reasons
     nib.save(nib.Nifti1Image(labels[:, :, ::5], np.diag([1.0, 1.0, 5.0, 1.0])), str(tmp_path / "five.nii.gz"))
     assert check.row("five", str(tmp_path / "five.nii.gz"), confidence=0.95).qc == "pass"
 

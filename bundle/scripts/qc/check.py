@@ -144,7 +144,8 @@ class QualityCheck:
             on the failure set: `python -m tools.failure_set score`); None: no head signal flags.
         head_thick_slices: the same thresholds for heads whose voxels are at least `min_slice_mm` thick along some
             axis (clinical 2D series; set on the failure set's 5 mm copies); None: `head`'s for every head.
-        max_slice_mm: the thickest voxels (mm, along any axis) the model's accuracy and volumes were measured on.
+        max_slice_mm: the thickest voxels (mm, along any axis) on which the model's accuracy and volumes were shown
+            to hold.
     """
 
     def __init__(
@@ -194,7 +195,7 @@ class QualityCheck:
         review, fail = [], []
         slice_mm = round(float(np.linalg.norm(mask.affine[:3, :3], axis=0).max()), 2)
         if slice_mm > self.max_slice_mm:
-            review.append(f"{slice_mm:g} mm slices, thicker than the {self.max_slice_mm:g} mm checked")
+            review.append(f"{slice_mm:g} mm slices: volumes move on slices over {self.max_slice_mm:g} mm")
         scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
         for name, label in named.items():
             low, high = (scale * v for v in self.volume_range[name.split()[-1]])
