@@ -165,6 +165,8 @@ def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
         str(masks),
         "--keep_largest",
         "false",
+        "--ensemble",
+        "false",
     )
     for row in rows:
         name = row["case"][: -len(".nii.gz")]

@@ -35,6 +35,8 @@ JUNK = [
     "train.log",
 ]
 
+FOLD_FILES = {f"models/fold{k}.pt" for k in range(5)}  # the crops' ensemble
+
 
 def clean_env():
     """Environment for subprocesses that must see only the unpacked bundle, never the repo's `scripts`."""
@@ -126,7 +128,7 @@ def test_zip_layout_and_no_junk(release):
         assert not path.endswith(".pyc") and "tfevents" not in path, path
         top = parts[0]
         if top == "models":
-            assert path in {"models/model.pt", "models/model_tf.pt", "models/model.ts"}, path
+            assert path in {"models/model.pt", "models/model_tf.pt", "models/model.ts", *FOLD_FILES}, path
         elif top == "docs":
             assert path.lower().endswith((".md", ".txt", ".png")), path
         elif top == "scripts":
