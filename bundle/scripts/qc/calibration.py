@@ -157,8 +157,8 @@ def folds(
     fold. Then its rank correlation with the pair's Dice and the crops' thresholds (`qc#crop`) by the rule: review
     under the agreement that flags `FALSE_ALARMS` of the accurate cases (lower label's Dice at least
     `ACCURATE_DICE`; rounded down to 0.01), fail under the lowest agreement of any accurate case rounded down to 0.1
-    (the heads' rule, `tools.failure_set.thresholds`); and the Dice
-    of the case's fold model, of `pair_with` alone and of the pair, what averaging two models adds."""
+    (as the heads' thresholds are set); and the Dice of the case's fold model, of `pair_with` alone and of the pair,
+    what averaging two models adds."""
     from scripts.recipe import load
 
     dataset_dir, weights_dir = os.path.abspath(dataset_dir), os.path.abspath(weights_dir)
