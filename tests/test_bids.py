@@ -17,7 +17,7 @@ import pytest
 from conftest import BUNDLE_DIR
 from scripts import BundleError
 from tools.head_check import make_heads
-from test_inference import run_inference
+from test_inference import SINGLE_MODEL, run_inference
 
 SCANS = {
     "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz": "template",
@@ -44,7 +44,7 @@ def bids_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bids_run(bids_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("bids_out") / "hippocampus"
-    result = run_inference(bids_dataset, out)
+    result = run_inference(bids_dataset, out, *SINGLE_MODEL)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return out
 
@@ -127,7 +127,9 @@ def test_participant_and_session_labels_select_scans(bids_dataset, tmp_path):
     with pytest.raises(BundleError, match="--participant_label 07"):
         Inputs(str(bids_dataset), str(tmp_path), participant_label="01 07").check()
     # through the CLI: the selected participant only, and a label that selects nothing stops with its name
-    result = run_inference(bids_dataset, tmp_path / "out", "--participant_label", "02", "--report", "false")
+    result = run_inference(
+        bids_dataset, tmp_path / "out", "--participant_label", "02", "--report", "false", *SINGLE_MODEL
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     masks = glob.glob(str(tmp_path / "out" / "**" / "*_dseg.nii.gz"), recursive=True)
     assert [os.path.relpath(p, tmp_path / "out") for p in masks] == [MASKS["sub-02/anat/sub-02_run-1_T1w.nii.gz"]]
@@ -138,7 +140,7 @@ def test_participant_and_session_labels_select_scans(bids_dataset, tmp_path):
 
 def test_a_single_scan_is_an_input(synthetic_task, bids_dataset, tmp_path):
     crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
-    result = run_inference(crop, tmp_path / "out", "--report", "false")
+    result = run_inference(crop, tmp_path / "out", "--report", "false", *SINGLE_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     name = os.path.basename(crop).replace(".nii.gz", "_seg.nii.gz")
     assert sorted(os.listdir(tmp_path / "out")) == [name, "volumes.csv"]
@@ -154,7 +156,7 @@ def test_a_single_scan_is_an_input(synthetic_task, bids_dataset, tmp_path):
 
 def test_bids_layout_needs_bids_names(synthetic_task, tmp_path):
     crop = sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*.nii.gz")))[0]
-    result = run_inference(crop, tmp_path / "out", "--output_layout", "bids")
+    result = run_inference(crop, tmp_path / "out", "--output_layout", "bids", *SINGLE_MODEL)
     assert (
         result.returncode != 0 and "is not a BIDS T1w file name" in result.stderr and "Traceback" not in result.stderr
     )

@@ -18,6 +18,8 @@ from dicom_series import write_dicom_series
 
 # what every run writes beside the masks: the volumes table, the cohort report and its QC pictures
 RUN_FILES = ("volumes.csv", "report.html", "qc")
+# for tests of reading and writing files: the single model (quicker); the crops' ensemble has its own tests
+SINGLE_MODEL = ("--ensemble", "false")
 
 
 def run_inference(input_dir, output_dir, *extra, config="configs/inference.yaml"):
@@ -101,7 +103,7 @@ def test_nifti_masks_match_each_input_grid(scans, crop_run):
 def test_dicom_series_folder(synthetic_task, tmp_path):
     volume = np.asarray(nib.load(sorted(glob.glob(os.path.join(synthetic_task, "imagesTr", "*")))[1]).dataobj)
     series = write_dicom_series(volume, str(tmp_path / "in" / "patient 1"))
-    result = run_inference(tmp_path / "in", tmp_path / "out")
+    result = run_inference(tmp_path / "in", tmp_path / "out", *SINGLE_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     mask = nib.load(str(tmp_path / "out" / "patient 1_seg.nii.gz"))
     reference = LoadImage(image_only=True)(series)  # the series' geometry as MONAI's reader reports it
@@ -115,7 +117,7 @@ def test_bad_file_is_named_and_others_are_written(scans, tmp_path):
     shutil.copytree(scans, folder)
     good = sorted(os.listdir(folder))
     (folder / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
-    result = run_inference(folder, tmp_path / "out")
+    result = run_inference(folder, tmp_path / "out", *SINGLE_MODEL)
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "broken.nii.gz" in log and "3 written, 1 failed" in log
@@ -127,10 +129,10 @@ def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
     first = sorted(glob.glob(str(scans / "*.nii.gz")))[0]
     existing = tmp_path / os.path.basename(first).replace(".nii.gz", "_seg.nii.gz")
     existing.write_bytes(b"keep me")
-    result = run_inference(scans, tmp_path)
+    result = run_inference(scans, tmp_path, *SINGLE_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert existing.read_bytes() == b"keep me" and "2 written, 0 failed" in result.stdout + result.stderr
-    result = run_inference(scans, tmp_path, "--overwrite", "true")
+    result = run_inference(scans, tmp_path, "--overwrite", "true", *SINGLE_MODEL)
     assert result.returncode == 0 and nib.load(str(existing)).shape == nib.load(first).shape
 
 
@@ -138,7 +140,7 @@ def test_existing_outputs_are_kept_unless_overwrite(scans, tmp_path):
 def single_model_run(scans, tmp_path_factory):
     """The scans segmented by models/model.pt alone (`--ensemble false`), as heads and MONAI's clients are."""
     out = tmp_path_factory.mktemp("single_model_run")
-    return out, run_inference(scans, out, "--ensemble", "false")
+    return out, run_inference(scans, out, *SINGLE_MODEL)
 
 
 def test_crops_are_segmented_by_the_folds_ensemble_with_a_qc_score(crop_run, single_model_run):
@@ -189,7 +191,7 @@ def test_broken_inputs_are_each_named_with_a_reason(scans, tmp_path):
     nib.save(nib.Nifti1Image(np.full(data.shape, 3.0, np.float32), source.affine), str(folder / "constant.nii.gz"))
     nib.save(nib.Nifti1Image(np.stack([data, data], -1), source.affine), str(folder / "two volumes.nii.gz"))
     nib.save(nib.Nifti1Image(data[..., None], source.affine), str(folder / "one volume 4d.nii.gz"))
-    result = run_inference(folder, tmp_path / "out")
+    result = run_inference(folder, tmp_path / "out", *SINGLE_MODEL)
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "4 written, 4 failed" in log
