@@ -52,12 +52,16 @@ def test_ensemble_inferer_averages_each_members_flip_averaged_probabilities():
 
 
 @pytest.mark.parametrize("ensemble", [True, False])
-def test_crops_network_is_the_fold_models_unless_ensemble_false(ensemble):
-    parser = load(BUNDLE_DIR, ["configs/inference.yaml"], {"ensemble": ensemble, "device": "cpu"})
+def test_crops_network_is_the_fold_models_unless_ensemble_false(ensemble, synthetic_task, tmp_path):
+    crops = os.path.join(synthetic_task, "imagesTr")
+    parser = load(BUNDLE_DIR, ["configs/inference.yaml"], {"ensemble": ensemble, "device": "cpu", "dataset_dir": crops})
     network = parser.get_parsed_content("crop_network")
     if not ensemble:
         assert network is parser.get_parsed_content("network")
         return
+    # no crops to segment (heads only, or nothing): the folds are not loaded
+    empty = load(BUNDLE_DIR, ["configs/inference.yaml"], {"device": "cpu", "dataset_dir": str(tmp_path)})
+    assert empty.get_parsed_content("crop_network") is empty.get_parsed_content("network")
     files = parser.get_parsed_content("fold_files")
     assert isinstance(network, Ensemble) and len(network.members) == len(files) == 5
     for member, path in zip(network.members, files):
