@@ -70,3 +70,25 @@ def test_crops_network_is_the_fold_models_unless_ensemble_false(ensemble, synthe
         for name, value in member.state_dict().items():
             torch.testing.assert_close(value, weights[name].to(value.dtype))
     assert parser.get_parsed_content("evaluator").network is network
+
+
+@pytest.mark.parametrize("ckpt_file, ensemble", [(None, "true"), ("models/model_tf.pt", "false")])
+def test_robustness_segments_other_weights_alone(ckpt_file, ensemble, synthetic_task, tmp_path, monkeypatch):
+    """The robustness benchmark measures the crops' ensemble, or the weights it is given alone (never the ensemble
+    in their place)."""
+    import scripts.qc.robustness as robustness
+
+    class Segmented(Exception):
+        pass
+
+    def segment_folder(images, masks, *overrides):
+        raise Segmented(overrides)
+
+    monkeypatch.setattr(robustness, "segment_folder", segment_folder)
+    with pytest.raises(Segmented) as segmented:
+        robustness.robustness(
+            synthetic_task, "training", str(tmp_path), cases=1, degradations="clean", ckpt_file=ckpt_file
+        )
+    overrides = list(segmented.value.args[0])
+    assert overrides[overrides.index("--ensemble") + 1] == ensemble
+    assert ("--ckpt_file" in overrides) == (ckpt_file is not None)

@@ -65,8 +65,8 @@ def robustness(
     seed: int = 0,
 ) -> None:
     """Degrades each of a split's scans on its own grid (`DEGRADATIONS`, seeded per case), segments them all with
-    configs/inference.yaml (the single model, or `ckpt_file`'s, with `ensemble` False) and prints Dice per class per
-    degradation, against each case's own label; writes `robustness.csv` (the table) and `robustness_cases.csv` (per
+    configs/inference.yaml (the crops' ensemble; the single model with `ensemble` False; `ckpt_file`'s weights alone
+    when given) and prints Dice per class per degradation, against each case's own label; writes `robustness.csv` (the table) and `robustness_cases.csv` (per
     case) in `output_dir`.
 
     Args:
@@ -96,7 +96,7 @@ def robustness(
         "--recursive",
         "true",
         "--ensemble",
-        str(ensemble).lower(),
+        str(ensemble and not ckpt_file).lower(),  # other weights are one model's
         *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else []),
     )
 
