@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 from scripts import BUNDLE_DIR
 from scripts.labels import HEAD_LABELS, SIDES, mask_name
+from scripts.qc.calibration import lower_thresholds
 from scripts.qc.check import asymmetry
 from tools.head_check import TEMPLATE, configured_segmenter, label_sides, resampled, rigid, segment_timed, side_dice
 
@@ -309,10 +310,11 @@ def thresholds(rows: list[dict], false_alarms: float = 0.025, group: str = "good
     def lowest(signal: str) -> np.ndarray:
         return np.array([min(row[f"{signal}_left"], row[f"{signal}_right"]) for row in harmless])
 
+    min_agreement, fail_agreement = lower_thresholds(lowest("agreement"), false_alarms)
     return {
-        "min_confidence": math.floor(100 * np.quantile(lowest("confidence"), false_alarms)) / 100,
-        "min_agreement": math.floor(100 * np.quantile(lowest("agreement"), false_alarms)) / 100,
-        "fail_agreement": math.floor(10 * lowest("agreement").min()) / 10,
+        "min_confidence": lower_thresholds(lowest("confidence"), false_alarms)[0],
+        "min_agreement": min_agreement,
+        "fail_agreement": fail_agreement,
         "max_asymmetry": math.ceil(100 * np.quantile([row["asymmetry"] for row in harmless], 1 - false_alarms)) / 100,
     }
 

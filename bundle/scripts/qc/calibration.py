@@ -141,6 +141,14 @@ ACCURATE_DICE = 0.8  # a crop whose lower label's Dice reaches this needs no sec
 FALSE_ALARMS = 0.05  # the share of accurate crops the review threshold may flag
 
 
+def lower_thresholds(values, false_alarms: float) -> tuple[float, float]:
+    """The review and fail thresholds of a signal that is low on bad cases, set on its `values` over good ones:
+    review under the value that flags `false_alarms` of them, rounded down to 0.01; fail under the lowest, rounded
+    down to 0.1 (the crops' `qc#crop` and the heads' `qc#head`)."""
+    values = np.asarray(values, dtype=float)
+    return math.floor(100 * np.quantile(values, false_alarms)) / 100, math.floor(10 * values.min()) / 10
+
+
 def folds(
     dataset_dir: str, output_dir: str = "eval/folds", weights_dir: str = "models", pair_with: str | None = None
 ) -> dict:
@@ -236,20 +244,16 @@ def _pairs(dataset_dir: str, output_dir: str, weights_dir: str, other: str, out_
     accurate = np.array([r["qc_score"] for r in paired if _lower_dice(r) >= ACCURATE_DICE])
     if not len(accurate):
         return {**summary, "thresholds": f"none: no case reaches Dice {ACCURATE_DICE}"}
-    thresholds = {
-        "min_agreement": math.floor(100 * float(np.quantile(accurate, FALSE_ALARMS))) / 100,
-        "fail_agreement": math.floor(10 * float(accurate.min())) / 10,
-    }
-    flagged = [r for r in paired if r["qc_score"] < thresholds["min_agreement"]]
+    thresholds = dict(zip(("min_agreement", "fail_agreement"), lower_thresholds(accurate, FALSE_ALARMS)))
+
+    def brief(cases: list[dict]) -> list[tuple]:
+        return [(r["case"], round(r["qc_score"], 3), round(_lower_dice(r), 3)) for r in cases]
+
     return {
         **summary,
         "thresholds": thresholds,
-        "flagged": [(r["case"], round(r["qc_score"], 3), round(_lower_dice(r), 3)) for r in flagged],
-        "inaccurate": [
-            (r["case"], round(r["qc_score"], 3), round(_lower_dice(r), 3))
-            for r in paired
-            if _lower_dice(r) < ACCURATE_DICE
-        ],
+        "flagged": brief([r for r in paired if r["qc_score"] < thresholds["min_agreement"]]),
+        "inaccurate": brief([r for r in paired if _lower_dice(r) < ACCURATE_DICE]),
     }
 
 
