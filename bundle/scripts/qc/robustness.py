@@ -66,8 +66,8 @@ def robustness(
 ) -> None:
     """Degrades each of a split's scans on its own grid (`DEGRADATIONS`, seeded per case), segments them all with
     configs/inference.yaml (the crops' ensemble; the single model with `ensemble` False; `ckpt_file`'s weights alone
-    when given) and prints Dice per class per degradation, against each case's own label; writes `robustness.csv` (the table) and `robustness_cases.csv` (per
-    case) in `output_dir`.
+    when given) and prints Dice per class per degradation, against each case's own label; writes `robustness.csv`
+    (the table) and `robustness_cases.csv` (per case) in `output_dir`.
 
     Args:
         cases: only the split's first `cases` scans.
