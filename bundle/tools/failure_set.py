@@ -25,6 +25,8 @@ from tools.head_check import TEMPLATE, configured_segmenter, label_sides, resamp
 BAD_DICE = 0.8  # a side below it against the clean head's mask is a failure QC should catch
 CASE_COLUMNS = ("case", "head", "variant", "group", "description")
 THICK_PLANES = {"sagittal": "left-right", "coronal": "anterior-posterior", "axial": "superior-inferior"}  # x, y, z
+# the thick-slice copies: the world axis whose nearest voxel axis gets the slices, and their thickness (mm)
+SLICE_COPIES = {"slices6mm": (2, 6.0), **{f"slices5mm_{plane}": (axis, 5.0) for axis, plane in enumerate(THICK_PLANES)}}
 # (group, description) of each copy: harmless (good), damaged, or harmless thick-slice (thick); the registration
 # copies are the clean image, segmented with the registration's map pushed off
 VARIANTS = {
@@ -76,15 +78,13 @@ def damaged(
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
         flip[:2, 3] = np.array(data.shape[:2]) - 1
         return data[::-1, ::-1].copy(), affine @ flip
-    if name == "resampled" or name.startswith("slices"):
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if name == "resampled" or name in SLICE_COPIES:
         if name == "resampled":
             spacing = np.full(3, 1.3)
         else:
-            world_axis = 2 if name == "slices6mm" else list(THICK_PLANES).index(name.split("_")[1])
-            spacing = np.where(
-                np.arange(3) == _axis_nearest(affine, world_axis), 6.0 if name == "slices6mm" else 5.0, spacing
-            )
+            world_axis, slice_mm = SLICE_COPIES[name]
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            spacing[_axis_nearest(affine, world_axis)] = slice_mm
         image = resampled(nib.Nifti1Image(data, affine), spacing)
         return image.get_fdata(dtype=np.float32), image.affine
     if name == "ghosting":
