@@ -181,25 +181,14 @@ def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
     assert os.path.realpath(which.stdout.strip()).startswith(os.path.realpath(unpacked) + os.sep)
 
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "configs/inference.yaml",
-            "--dataset_dir",
-            str(synthetic_task),
-            "--output_dir",
-            str(out),
-        ],
-        cwd=unpacked,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def infer(inputs):
+        """The README's inference command in the unpacked bundle, with nothing of this checkout on the path."""
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
+        command += ["--dataset_dir", str(inputs), "--output_dir", str(out)]
+        return subprocess.run(command, cwd=unpacked, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+    result = infer(synthetic_task)
     assert result.returncode == 0, result.stderr[-3000:]
     images = sorted(glob.glob(os.path.join(synthetic_task, "imagesTs", "*.nii.gz")))
     assert images
@@ -212,25 +201,7 @@ def test_download_by_url_then_inference(release, synthetic_task, tmp_path):
     heads = tmp_path / "heads"
     heads.mkdir()
     shutil.copy(unpacked / "atlas" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", heads / "head.nii.gz")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "configs/inference.yaml",
-            "--dataset_dir",
-            str(heads),
-            "--output_dir",
-            str(out),
-        ],
-        cwd=unpacked,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = infer(heads)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(np.unique(np.asarray(nib.load(str(out / "head_seg.nii.gz")).dataobj))) == {0, 1, 2, 3, 4}
 
