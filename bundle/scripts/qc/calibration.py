@@ -28,10 +28,12 @@ def split_cases(dataset_dir: str, split: str, fold: int | None = None) -> list[d
     from scripts.recipe import load
 
     configs = ["configs/train.yaml", *(["configs/dev_split.yaml"] if split == "development" else [])]
-    configs += ["configs/train_native.yaml", "configs/fold.yaml"] if fold is not None else []
     # the task's list as it is: the training run's check of every case is not needed to name them
     overrides = {"dataset_dir": dataset_dir, "cases": "$scripts.data.msd.load_training_list(@dataset_dir)"}
-    parser = load(BUNDLE_DIR, configs, {**overrides, **({"fold": fold} if fold is not None else {})})
+    if fold is not None:
+        configs += ["configs/train_native.yaml", "configs/fold.yaml"]
+        overrides["fold"] = fold
+    parser = load(BUNDLE_DIR, configs, overrides)
     return parser.get_parsed_content("split")["validation" if split == "development" else split]
 
 
