@@ -31,24 +31,31 @@ def test_one_network_is_flip_averaged_as_before_and_members_agreement_kept():
     """One network: the flip-averaged logits exactly (heads and MONAI's clients get them), no agreement. An ensemble:
     each case's agreement under its file name, 1 for members that agree and below 1 for members that do not."""
     flips = FlipAveragingInferer(SimpleInferer(), [0])
-    inferer = EnsembleInferer(flips)
     x = MetaTensor(torch.rand(2, 1, 8, 6, 4), meta={"filename_or_obj": ["a.nii.gz", "b.nii.gz"]})
     network = conv(0).eval()
     with torch.no_grad():
+        inferer = EnsembleInferer(flips)
         assert torch.equal(inferer(x, network), flips(x, network)) and inferer.agreement == {}
+        inferer = EnsembleInferer(FlipAveragingInferer(SimpleInferer(), []))  # the members see the same view
         inferer(x, Ensemble([network, network]).eval())
         assert inferer.agreement == {"a.nii.gz": 1.0, "b.nii.gz": 1.0}
         inferer(x, Ensemble([network, conv(1), conv(2)]).eval())
         assert all(value < 0.9 for value in inferer.agreement.values()), inferer.agreement
 
 
-def test_ensemble_inferer_averages_each_members_flip_averaged_probabilities():
-    flips = FlipAveragingInferer(SimpleInferer(), [0])
-    members = [conv(0).eval(), conv(1).eval()]
+def test_ensemble_members_take_the_flip_views_in_turn():
+    """Each member runs once: the first on the input, the second on its mirror image, the third on the input again;
+    their probabilities averaged. Without flips every member sees the input as it is."""
+    members = [conv(0).eval(), conv(1).eval(), conv(2).eval()]
     x = torch.rand(1, 1, 8, 6, 4)
     with torch.no_grad():
-        expected = (flips(x, members[0]).softmax(1) + flips(x, members[1]).softmax(1)) / 2
-        torch.testing.assert_close(EnsembleInferer(flips)(x, Ensemble(members).eval()).softmax(1), expected)
+        mirrored = members[1](x.flip(2)).flip(2)
+        expected = (members[0](x).softmax(1) + mirrored.softmax(1) + members[2](x).softmax(1)) / 3
+        flips = EnsembleInferer(FlipAveragingInferer(SimpleInferer(), [0]))
+        torch.testing.assert_close(flips(x, Ensemble(members).eval()).softmax(1), expected)
+        plain = EnsembleInferer(FlipAveragingInferer(SimpleInferer(), []))
+        expected = sum(member(x).softmax(1) for member in members) / 3
+        torch.testing.assert_close(plain(x, Ensemble(members).eval()).softmax(1), expected)
 
 
 @pytest.mark.parametrize("ensemble", [True, False])
