@@ -200,10 +200,10 @@ def test_quality_flags(tmp_path):
     no_posterior = np.where(labels == 2, 0, labels)
     row = check.row("absent", write_mask(tmp_path / "absent.nii.gz", no_posterior, spacing=2.0), agreement=0.85)
     assert (
-        row.qc_reasons == "anterior 13824 mm3 outside 1000-3000; posterior absent; the ensemble's models agree at 0.85"
+        row.qc_reasons == "anterior 13824 mm3 outside 1000-3000; posterior absent; the ensemble's models agree at 0.850"
     )
     row = check.row("disagrees", write_mask(tmp_path / "good.nii.gz", labels), agreement=0.6)
-    assert (row.qc, row.qc_reasons) == ("fail", "the ensemble's models agree at 0.60")
+    assert (row.qc, row.qc_reasons) == ("fail", "the ensemble's models agree at 0.600")
     head = np.zeros((40, 40, 40), np.uint8)
     head[5:17, 5:17, 5:17], head[20:32, 5:17, 5:17], head[5:17, 20:32, 5:17] = 1, 2, 3
     row = check.row("head", write_mask(tmp_path / "head.nii.gz", head), {"etiv_mm3": 1.5e6}, confidence=0.95)
@@ -245,11 +245,11 @@ def test_head_flags_from_each_sides_signals_and_cohort_outliers(tmp_path):
     assert (columns["left_confidence"], columns["right_agreement"]) == ("0.9300", "0.9000")
     review = row({"left": 0.93, "right": 0.85}, {"left": 0.95, "right": 0.8})
     assert review.qc == "review" and review.qc_reasons == (
-        "right hippocampus: test-time augmentations agree at 0.80; right hippocampus: confidence 0.850"
+        "right hippocampus: test-time augmentations agree at 0.800; right hippocampus: confidence 0.850"
     )
     failed = row({"left": 0.93, "right": 0.94}, {"left": 0.55, "right": 0.9})
     assert failed.qc == "fail" and failed.columns()["qc_score"] == "0.550"
-    assert failed.qc_reasons == "left hippocampus: test-time augmentations agree at 0.55"
+    assert failed.qc_reasons == "left hippocampus: test-time augmentations agree at 0.550"
     # a head of 4 mm slices is held to the thick-slice thresholds, a 1 mm one to the heads'
     thick_thresholds = {**thresholds, "min_slice_mm": 4.0, "min_agreement": 0.75, "fail_agreement": 0.5}
     check = QualityCheck(

@@ -99,3 +99,24 @@ def test_robustness_segments_other_weights_alone(ckpt_file, ensemble, synthetic_
     overrides = list(segmented.value.args[0])
     assert overrides[overrides.index("--ensemble") + 1] == ensemble
     assert ("--ckpt_file" in overrides) == (ckpt_file is not None)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "folds"])
+def test_calibration_passes_other_flags_to_inference(command, synthetic_task, tmp_path, monkeypatch):
+    """`python -m scripts.qc evaluate|folds ... --tta_flip_axes "[]"` segments without flips: a flag the command does
+    not know goes to the inference command."""
+    import importlib
+
+    module = importlib.import_module({"evaluate": "scripts.qc.calibration", "folds": "scripts.qc.folds"}[command])
+
+    class Segmented(Exception):
+        pass
+
+    def segment_folder(images, masks, *overrides, check=True):
+        raise Segmented(overrides)
+
+    monkeypatch.setattr(module, "segment_folder", segment_folder)
+    with pytest.raises(Segmented) as segmented:
+        getattr(module, command)(synthetic_task, output_dir=str(tmp_path), tta_flip_axes=[])
+    overrides = list(segmented.value.args[0])
+    assert overrides[overrides.index("--tta_flip_axes") + 1] == "[]"

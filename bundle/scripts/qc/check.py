@@ -216,9 +216,9 @@ class QualityCheck:
         if kind == "crop" and agreement is not None:
             row.qc_score = agreement
             if self.crop and agreement < self.crop["fail_agreement"]:
-                fail.append(f"the ensemble's models agree at {agreement:.2f}")
+                fail.append(f"the ensemble's models agree at {agreement:.3f}")
             elif self.crop and agreement < self.crop["min_agreement"]:
-                review.append(f"the ensemble's models agree at {agreement:.2f}")
+                review.append(f"the ensemble's models agree at {agreement:.3f}")
         row.qc = "fail" if fail else "review" if review else "pass"
         row.reasons = fail + review
         return row
@@ -231,9 +231,9 @@ class QualityCheck:
             confidence, agreement = head["side_confidence"][side], head["side_agreement"][side]
             row.side_confidence[side], row.side_agreement[side] = confidence, agreement
             if agreement < thresholds["fail_agreement"]:
-                fail.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.2f}")
+                fail.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.3f}")
             elif agreement < thresholds["min_agreement"]:
-                review.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.2f}")
+                review.append(f"{side} hippocampus: test-time augmentations agree at {agreement:.3f}")
             if confidence < thresholds["min_confidence"]:
                 review.append(f"{side} hippocampus: confidence {confidence:.3f}")
         difference = abs(asymmetry(*(row.volume(side) for side in SIDES)))

@@ -54,6 +54,31 @@ DEGRADATIONS = {
 }
 
 
+def chosen_degradations(degradations: str | list[str] | None) -> list[str]:
+    """The names of a comma-separated subset of `DEGRADATIONS` (all of them for None); unknown names stop the run."""
+    chosen = degradations.split(",") if isinstance(degradations, str) else list(degradations or DEGRADATIONS)
+    unknown = sorted(set(chosen) - set(DEGRADATIONS))
+    if unknown:
+        raise SystemExit(f"unknown degradation(s) {unknown}: choose from {list(DEGRADATIONS)}")
+    return chosen
+
+
+def write_degraded(cases: list[dict[str, str]], degradations: list[str], folder: str, seed: int = 0) -> None:
+    """Each case's image degraded by each of `degradations` on its own grid, seeded per case and degradation, as
+    `folder/<degradation>/<image's file name>`."""
+    for index, case in enumerate(cases):
+        scan = nib.load(case["image"])
+        image = np.asarray(scan.dataobj, dtype=np.float32)
+        spacing = np.asarray(scan.header.get_zooms()[:3], dtype=float)
+        for name in degradations:
+            rng = np.random.default_rng([seed, index, list(DEGRADATIONS).index(name)])
+            degraded = DEGRADATIONS[name](image, spacing, rng).astype(np.float32)
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+            nib.save(
+                nib.Nifti1Image(degraded, scan.affine), os.path.join(folder, name, os.path.basename(case["image"]))
+            )
+
+
 def robustness(
     dataset_dir: str,
     split: str = "validation",
@@ -73,23 +98,10 @@ def robustness(
         cases: only the split's first `cases` scans.
         degradations: a comma-separated subset of `DEGRADATIONS` (all by default).
     """
-    chosen = degradations.split(",") if isinstance(degradations, str) else list(degradations or DEGRADATIONS)
-    unknown = sorted(set(chosen) - set(DEGRADATIONS))
-    if unknown:
-        raise SystemExit(f"unknown degradation(s) {unknown}: choose from {list(DEGRADATIONS)}")
+    chosen = chosen_degradations(degradations)
     chosen_cases = split_cases(os.path.abspath(dataset_dir), split)[:cases]
     images, masks = os.path.join(output_dir, "images"), os.path.join(output_dir, "masks")
-    for index, case in enumerate(chosen_cases):
-        scan = nib.load(case["image"])
-        image = np.asarray(scan.dataobj, dtype=np.float32)
-        spacing = np.asarray(scan.header.get_zooms()[:3], dtype=float)
-        for name in chosen:
-            rng = np.random.default_rng([seed, index, list(DEGRADATIONS).index(name)])
-            degraded = DEGRADATIONS[name](image, spacing, rng).astype(np.float32)
-            os.makedirs(os.path.join(images, name), exist_ok=True)
-            nib.save(
-                nib.Nifti1Image(degraded, scan.affine), os.path.join(images, name, os.path.basename(case["image"]))
-            )
+    write_degraded(chosen_cases, chosen, images, seed)
     segment_folder(
         images,
         masks,
