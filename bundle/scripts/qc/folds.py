@@ -82,12 +82,8 @@ def folds(
     if pair_with:
         other = os.path.abspath(pair_with)
         flags = as_flags(inference_flags)
-        summary["pair"] = _pairs(dataset_dir, output_dir, weights_dir, other, results, flags)
-        if degradations:
-            chosen = chosen_degradations(degradations)
-            summary["pair"]["degraded"] = _degraded_pairs(
-                dataset_dir, output_dir, weights_dir, other, results, chosen, flags
-            )
+        chosen = chosen_degradations(degradations) if degradations else []
+        summary["pair"] = _pairs(dataset_dir, output_dir, weights_dir, other, results, chosen, flags)
     return summary
 
 
@@ -106,22 +102,32 @@ def _pair(other: str, weights_dir: str, fold: int) -> str:
 
 
 def _pairs(
-    dataset_dir: str, output_dir: str, weights_dir: str, other: str, out_of_fold: list[dict], flags: list[str]
+    dataset_dir: str,
+    output_dir: str,
+    weights_dir: str,
+    other: str,
+    out_of_fold: list[dict],
+    degradations: list[str],
+    flags: list[str],
 ) -> dict:
     """The validation split's cases segmented by `other` alone and by the ensemble of `other` and the case's fold
-    model: Dice of each, the pair's agreement against its Dice, and the thresholds it gives."""
+    model: Dice of each, the pair's agreement against its Dice, and the thresholds it gives; with `degradations`,
+    the pair also on copies of the cases degraded by each (in the same run)."""
     cases = split_cases(dataset_dir, "validation")
     folder = os.path.join(output_dir, "pair")
     alone = os.path.join(folder, "alone")
     segment_folder(
         link_images(cases, os.path.join(folder, "images")), alone, "--ensemble", "false", "--ckpt_file", other, *flags
     )
-    paired = []
+    paired, degraded = [], []
     for fold, fold_cases in _by_fold(dataset_dir, out_of_fold).items():
         images = link_images(fold_cases, os.path.join(folder, f"fold{fold}", "images"))
+        write_degraded(fold_cases, degradations, images)  # in a folder per degradation
         masks = os.path.join(folder, f"fold{fold}", "masks")
-        segment_folder(images, masks, "--fold_files", _pair(other, weights_dir, fold), *flags)
+        pair = _pair(other, weights_dir, fold)
+        segment_folder(images, masks, "--recursive", "true", "--fold_files", pair, *flags)
         paired += score_masks(fold_cases, masks)
+        degraded += _score_degraded(fold_cases, masks, degradations)
     names = {os.path.basename(case["image"]) for case in cases}
     summary = {
         "cases": len(cases),
@@ -129,6 +135,7 @@ def _pairs(
         "other alone": mean_dice(score_masks(cases, alone)),
         "both": mean_dice(paired),
         "qc_score_spearman": spearman(paired, "qc_score"),
+        **({"degraded": _summarise_degraded(degraded, degradations)} if degradations else {}),
     }
     accurate = np.array([r["qc_score"] for r in paired if lower_dice(r) >= ACCURATE_DICE])
     if not len(accurate):
@@ -146,30 +153,30 @@ def _pairs(
     }
 
 
-def _degraded_pairs(
-    dataset_dir: str,
-    output_dir: str,
-    weights_dir: str,
-    other: str,
-    out_of_fold: list[dict],
-    degradations: list[str],
-    flags: list[str],
-) -> dict:
-    """The pairs of `_pairs` on copies of their cases degraded by each of `degradations`: the pair's Dice over the
-    copies and its agreement's rank correlation with their Dice."""
+def _score_degraded(cases: list[dict[str, str]], masks: str, degradations: list[str]) -> list[dict]:
+    """The agreement and Dice per label of each case's copy under each of `degradations` (masks in `masks/<name>`)."""
+    with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
+        scores = {row["case"]: CaseRow.from_columns(row).qc_score for row in csv.DictReader(f)}
     rows = []
-    for fold, fold_cases in _by_fold(dataset_dir, out_of_fold).items():
-        images = os.path.join(output_dir, "pair", "degraded", f"fold{fold}", "images")
-        masks = os.path.join(output_dir, "pair", "degraded", f"fold{fold}", "masks")
-        write_degraded(fold_cases, degradations, images)
-        segment_folder(images, masks, "--recursive", "true", "--fold_files", _pair(other, weights_dir, fold), *flags)
-        with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
-            scores = {row["case"]: CaseRow.from_columns(row).qc_score for row in csv.DictReader(f)}
-        for case in fold_cases:
-            name = os.path.basename(case["image"])
-            truth = np.asarray(nib.load(case["label"]).dataobj)
-            for degradation in degradations:
-                predicted = np.asarray(nib.load(os.path.join(masks, degradation, mask_name(name))).dataobj)
-                dices = {f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)}
-                rows.append({"qc_score": scores[f"{degradation}/{name}"], **dices})
-    return {"copies": len(rows), **mean_dice(rows), "qc_score_spearman": spearman(rows, "qc_score")}
+    for case in cases:
+        name = os.path.basename(case["image"])
+        truth = np.asarray(nib.load(case["label"]).dataobj)
+        for degradation in degradations:
+            predicted = np.asarray(nib.load(os.path.join(masks, degradation, mask_name(name))).dataobj)
+            dices = {f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)}
+            rows.append({"degradation": degradation, "qc_score": scores[f"{degradation}/{name}"], **dices})
+    return rows
+
+
+def _summarise_degraded(rows: list[dict], degradations: list[str]) -> dict:
+    """Over the degraded copies: the pair's Dice, its agreement's rank correlation with their Dice, and each
+    degradation's mean agreement and lower label's Dice."""
+    by_degradation = {}
+    for name in degradations:
+        group = [r for r in rows if r["degradation"] == name]
+        by_degradation[name] = {
+            "qc_score": round(float(np.mean([r["qc_score"] for r in group])), 3),
+            "lower_dice": round(float(np.mean([lower_dice(r) for r in group])), 3),
+        }
+    summary = {"copies": len(rows), **mean_dice(rows), "qc_score_spearman": spearman(rows, "qc_score")}
+    return {**summary, "by_degradation": by_degradation}
