@@ -120,3 +120,27 @@ def test_calibration_passes_other_flags_to_inference(command, synthetic_task, tm
         getattr(module, command)(synthetic_task, output_dir=str(tmp_path), tta_flip_axes=[])
     overrides = list(segmented.value.args[0])
     assert overrides[overrides.index("--tta_flip_axes") + 1] == "[]"
+
+
+@pytest.mark.parametrize("pair_fold", [None, 1])
+def test_pairs_are_the_cases_the_other_model_never_trained_on(pair_fold, synthetic_task, tmp_path, monkeypatch):
+    """`scripts.qc folds --pair_with W` pairs W with each case's fold model on the validation split (W trained on
+    the training split); with `--pair_fold k` (W trained on fold k's training cases) on fold k's validation cases."""
+    import scripts.qc.folds as folds
+    from scripts.qc.calibration import split_cases
+
+    def scored(cases, masks):
+        return [
+            {"case": os.path.basename(c["image"]), "confidence": 0.9, "dice_anterior": 0.9, "dice_posterior": 0.9}
+            for c in cases
+        ]
+
+    paired = {}
+    monkeypatch.setattr(folds, "segment_folder", lambda *args, **kwargs: None)
+    monkeypatch.setattr(folds, "score_masks", scored)
+    monkeypatch.setattr(folds, "_pairs", lambda cases, *args: paired.setdefault("cases", cases))
+    folds.folds(synthetic_task, str(tmp_path), pair_with="W.pt", pair_fold=pair_fold)
+    expected = split_cases(os.path.abspath(synthetic_task), "validation", pair_fold)
+    assert [c["image"] for c in paired["cases"]] == [c["image"] for c in expected]
+    if pair_fold is not None:
+        assert expected != split_cases(os.path.abspath(synthetic_task), "validation")

@@ -38,6 +38,7 @@ def folds(
     output_dir: str = "eval/folds",
     weights_dir: str = "models",
     pair_with: str | None = None,
+    pair_fold: int | None = None,
     degradations: str | None = None,
     **inference_flags,
 ) -> dict:
@@ -55,10 +56,11 @@ def folds(
     under the agreement that flags `FALSE_ALARMS` of the accurate cases (lower label's Dice at least
     `ACCURATE_DICE`; rounded down to 0.01), fail under the lowest agreement of any accurate case rounded down to 0.1
     (as the heads' thresholds are set); and the Dice of the case's fold model, of `pair_with` alone and of the pair,
-    what averaging two models adds. With `degradations` (comma-separated names of
-    `scripts.qc.robustness.DEGRADATIONS`) the pairs also segment degraded copies of their cases: the agreement's
-    rank correlation with Dice where the acquisition varies and Dice with it. Any other flag (`--tta_flip_axes
-    "[]"`) goes to every inference run."""
+    what averaging two models adds. With `pair_fold` k, `pair_with` trained on fold k's training cases instead
+    (configs/fold.yaml with another `--seed`), and the pairs are fold k's validation cases. With `degradations`
+    (comma-separated names of `scripts.qc.robustness.DEGRADATIONS`) the pairs also segment degraded copies of their
+    cases: the agreement's rank correlation with Dice where the acquisition varies and Dice with it. Any other flag
+    (`--tta_flip_axes "[]"`) goes to every inference run."""
     dataset_dir, weights_dir = os.path.abspath(dataset_dir), os.path.abspath(weights_dir)
     num_folds = load(BUNDLE_DIR, ["configs/fold.yaml"]).get_parsed_content("num_folds")
     summary: dict = {"folds": {}}
@@ -83,15 +85,16 @@ def folds(
         other = os.path.abspath(pair_with)
         flags = as_flags(inference_flags)
         chosen = chosen_degradations(degradations) if degradations else []
-        summary["pair"] = _pairs(dataset_dir, output_dir, weights_dir, other, results, chosen, flags)
+        cases = split_cases(dataset_dir, "validation", pair_fold)
+        summary["pair"] = _pairs(cases, output_dir, weights_dir, other, results, chosen, flags)
     return summary
 
 
-def _by_fold(dataset_dir: str, out_of_fold: list[dict]) -> dict[int, list[dict]]:
-    """The validation split's cases grouped by the fold that validated on them."""
+def _by_fold(cases: list[dict[str, str]], out_of_fold: list[dict]) -> dict[int, list[dict]]:
+    """`cases` grouped by the fold that validated on them."""
     fold_of = {r["case"]: r["fold"] for r in out_of_fold}
     groups: dict[int, list[dict]] = {}
-    for case in split_cases(dataset_dir, "validation"):
+    for case in cases:
         groups.setdefault(fold_of[os.path.basename(case["image"])], []).append(case)
     return dict(sorted(groups.items()))
 
@@ -102,7 +105,7 @@ def _pair(other: str, weights_dir: str, fold: int) -> str:
 
 
 def _pairs(
-    dataset_dir: str,
+    cases: list[dict[str, str]],
     output_dir: str,
     weights_dir: str,
     other: str,
@@ -110,17 +113,16 @@ def _pairs(
     degradations: list[str],
     flags: list[str],
 ) -> dict:
-    """The validation split's cases segmented by `other` alone and by the ensemble of `other` and the case's fold
-    model: Dice of each, the pair's agreement against its Dice, and the thresholds it gives; with `degradations`,
-    the pair also on copies of the cases degraded by each (in the same run)."""
-    cases = split_cases(dataset_dir, "validation")
+    """`cases`, which `other` never trained on, segmented by `other` alone and by the ensemble of `other` and the
+    case's fold model: Dice of each, the pair's agreement against its Dice, and the thresholds it gives; with
+    `degradations`, the pair also on copies of the cases degraded by each (in the same run)."""
     folder = os.path.join(output_dir, "pair")
     alone = os.path.join(folder, "alone")
     segment_folder(
         link_images(cases, os.path.join(folder, "images")), alone, "--ensemble", "false", "--ckpt_file", other, *flags
     )
     paired, degraded = [], []
-    for fold, fold_cases in _by_fold(dataset_dir, out_of_fold).items():
+    for fold, fold_cases in _by_fold(cases, out_of_fold).items():
         images = link_images(fold_cases, os.path.join(folder, f"fold{fold}", "images"))
         write_degraded(fold_cases, degradations, images)  # in a folder per degradation
         masks = os.path.join(folder, f"fold{fold}", "masks")
