@@ -79,24 +79,34 @@ def test_crops_network_is_the_fold_models_unless_ensemble_false(ensemble, synthe
     assert parser.get_parsed_content("evaluator").network is network
 
 
+def first_inference_flags(monkeypatch, module, run) -> list:
+    """The flags `run()` gives the first inference command it starts through `module.segment_folder` (stopped there)."""
+
+    class InferenceStartedError(Exception):
+        pass
+
+    def segment_folder(images, masks, *overrides, check=True):
+        raise InferenceStartedError(overrides)
+
+    monkeypatch.setattr(module, "segment_folder", segment_folder)
+    with pytest.raises(InferenceStartedError) as segmented:
+        run()
+    return list(segmented.value.args[0])
+
+
 @pytest.mark.parametrize("ckpt_file, ensemble", [(None, "true"), ("models/model_tf.pt", "false")])
 def test_robustness_segments_other_weights_alone(ckpt_file, ensemble, synthetic_task, tmp_path, monkeypatch):
     """The robustness benchmark measures the crops' ensemble, or the weights it is given alone (never the ensemble
     in their place)."""
     import scripts.qc.robustness as robustness
 
-    class Segmented(Exception):
-        pass
-
-    def segment_folder(images, masks, *overrides):
-        raise Segmented(overrides)
-
-    monkeypatch.setattr(robustness, "segment_folder", segment_folder)
-    with pytest.raises(Segmented) as segmented:
-        robustness.robustness(
+    overrides = first_inference_flags(
+        monkeypatch,
+        robustness,
+        lambda: robustness.robustness(
             synthetic_task, "training", str(tmp_path), cases=1, degradations="clean", ckpt_file=ckpt_file
-        )
-    overrides = list(segmented.value.args[0])
+        ),
+    )
     assert overrides[overrides.index("--ensemble") + 1] == ensemble
     assert ("--ckpt_file" in overrides) == (ckpt_file is not None)
 
@@ -108,17 +118,10 @@ def test_calibration_passes_other_flags_to_inference(command, synthetic_task, tm
     import importlib
 
     module = importlib.import_module({"evaluate": "scripts.qc.calibration", "folds": "scripts.qc.folds"}[command])
-
-    class Segmented(Exception):
-        pass
-
-    def segment_folder(images, masks, *overrides, check=True):
-        raise Segmented(overrides)
-
-    monkeypatch.setattr(module, "segment_folder", segment_folder)
-    with pytest.raises(Segmented) as segmented:
-        getattr(module, command)(synthetic_task, output_dir=str(tmp_path), tta_flip_axes=[])
-    overrides = list(segmented.value.args[0])
+    run = getattr(module, command)
+    overrides = first_inference_flags(
+        monkeypatch, module, lambda: run(synthetic_task, output_dir=str(tmp_path), tta_flip_axes=[])
+    )
     assert overrides[overrides.index("--tta_flip_axes") + 1] == "[]"
 
 

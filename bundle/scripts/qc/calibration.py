@@ -94,15 +94,15 @@ def link_images(cases: list[dict[str, str]], folder: str) -> str:
     return folder
 
 
-def score_masks(cases: list[dict[str, str]], masks: str) -> list[dict]:
+def score_masks(cases: list[dict[str, str]], masks: str, folder: str = "") -> list[dict]:
     """Each case's Dice per label against its label (its own grid), true and predicted volumes, and the QC of the
-    run's volumes table in `masks`."""
+    run's volumes table in `masks`; with `folder`, of the case's copy in that sub-folder of a recursive run."""
     with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
         rows = {row["case"]: CaseRow.from_columns(row) for row in csv.DictReader(f)}
     results = []
     for case in cases:
-        name = os.path.basename(case["image"])
-        predicted = np.asarray(nib.load(os.path.join(masks, mask_name(name))).dataobj)
+        name = os.path.join(folder, os.path.basename(case["image"]))
+        predicted = np.asarray(nib.load(os.path.join(masks, folder, mask_name(name))).dataobj)
         label = nib.load(case["label"])
         truth = np.asarray(label.dataobj)
         voxel = abs(float(np.linalg.det(label.affine[:3, :3])))

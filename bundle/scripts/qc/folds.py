@@ -9,13 +9,10 @@ from __future__ import annotations
 import csv
 import os
 
-import nibabel as nib
 import numpy as np
 from scripts import BUNDLE_DIR
-from scripts.labels import PARTS, mask_name
 from scripts.qc.calibration import (
     as_flags,
-    dice,
     link_images,
     lower_dice,
     lower_thresholds,
@@ -25,7 +22,6 @@ from scripts.qc.calibration import (
     spearman,
     split_cases,
 )
-from scripts.qc.check import CaseRow
 from scripts.qc.robustness import chosen_degradations, write_degraded
 from scripts.recipe import load
 
@@ -62,6 +58,7 @@ def folds(
     cases: the agreement's rank correlation with Dice where the acquisition varies and Dice with it. Any other flag
     (`--tta_flip_axes "[]"`) goes to every inference run."""
     dataset_dir, weights_dir = os.path.abspath(dataset_dir), os.path.abspath(weights_dir)
+    flags = as_flags(inference_flags)
     num_folds = load(BUNDLE_DIR, ["configs/fold.yaml"]).get_parsed_content("num_folds")
     summary: dict = {"folds": {}}
     results = []
@@ -70,7 +67,7 @@ def folds(
         images = link_images(cases, os.path.join(output_dir, f"fold{fold}", "images"))
         masks = os.path.join(output_dir, f"fold{fold}", "masks")
         weights = os.path.join(weights_dir, f"fold{fold}.pt")
-        segment_folder(images, masks, "--ensemble", "false", "--ckpt_file", weights, *as_flags(inference_flags))
+        segment_folder(images, masks, "--ensemble", "false", "--ckpt_file", weights, *flags)
         fold_results = [{"fold": fold, **r} for r in score_masks(cases, masks)]
         summary["folds"][fold] = mean_dice(fold_results)
         results += fold_results
@@ -83,7 +80,6 @@ def folds(
     summary["confidence_spearman"] = spearman(results, "confidence")
     if pair_with:
         other = os.path.abspath(pair_with)
-        flags = as_flags(inference_flags)
         chosen = chosen_degradations(degradations) if degradations else []
         cases = split_cases(dataset_dir, "validation", pair_fold)
         summary["pair"] = _pairs(cases, output_dir, weights_dir, other, results, chosen, flags)
@@ -129,7 +125,7 @@ def _pairs(
         pair = _pair(other, weights_dir, fold)
         segment_folder(images, masks, "--recursive", "true", "--fold_files", pair, *flags)
         paired += score_masks(fold_cases, masks)
-        degraded += _score_degraded(fold_cases, masks, degradations)
+        degraded += [{"degradation": d, **r} for d in degradations for r in score_masks(fold_cases, masks, d)]
     names = {os.path.basename(case["image"]) for case in cases}
     summary = {
         "cases": len(cases),
@@ -153,21 +149,6 @@ def _pairs(
         "flagged": brief([r for r in paired if r["qc_score"] < thresholds["min_agreement"]]),
         "inaccurate": brief([r for r in paired if lower_dice(r) < ACCURATE_DICE]),
     }
-
-
-def _score_degraded(cases: list[dict[str, str]], masks: str, degradations: list[str]) -> list[dict]:
-    """The agreement and Dice per label of each case's copy under each of `degradations` (masks in `masks/<name>`)."""
-    with open(os.path.join(masks, "volumes.csv"), newline="", encoding="utf-8") as f:
-        scores = {row["case"]: CaseRow.from_columns(row).qc_score for row in csv.DictReader(f)}
-    rows = []
-    for case in cases:
-        name = os.path.basename(case["image"])
-        truth = np.asarray(nib.load(case["label"]).dataobj)
-        for degradation in degradations:
-            predicted = np.asarray(nib.load(os.path.join(masks, degradation, mask_name(name))).dataobj)
-            dices = {f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, start=1)}
-            rows.append({"degradation": degradation, "qc_score": scores[f"{degradation}/{name}"], **dices})
-    return rows
 
 
 def _summarise_degraded(rows: list[dict], degradations: list[str]) -> dict:
