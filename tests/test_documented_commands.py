@@ -48,7 +48,7 @@ NOT_RUN = {
 SHORTER = {
     "monai.bundle run training": {"--epochs": "1"},
     "scripts.engine.benchmark": {"--warmup_steps": "1", "--steps": "2", "--batch_size": "2"},
-    "scripts.qc robustness": {"--cases": "2", "--degradations": "clean,2mm,5mm_slices_z"},
+    "scripts.qc robustness": {"--cases": "2", "--degradations": "clean,2mm,5mm_slices_z,5mm_slabs_nearest_z"},
     "scripts.qc folds": {"--degradations": "5mm_slices_z"},
     "tools.report_timing": {"--cases": "3"},
 }

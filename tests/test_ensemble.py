@@ -94,20 +94,31 @@ def first_inference_flags(monkeypatch, module, run) -> list:
     return list(segmented.value.args[0])
 
 
-@pytest.mark.parametrize("ckpt_file, ensemble", [(None, "true"), ("models/model_tf.pt", "false")])
-def test_robustness_segments_other_weights_alone(ckpt_file, ensemble, synthetic_task, tmp_path, monkeypatch):
-    """The robustness benchmark measures the crops' ensemble, or the weights it is given alone (never the ensemble
-    in their place)."""
+@pytest.mark.parametrize(
+    "ckpt_file, ensemble, segmented_by",
+    [(None, True, "true"), (None, "false", "false"), ("models/model_tf.pt", True, "false")],
+)
+def test_robustness_segments_other_weights_alone(
+    ckpt_file, ensemble, segmented_by, synthetic_task, tmp_path, monkeypatch
+):
+    """The robustness benchmark measures the crops' ensemble, the single model with `--ensemble false` (a string on
+    the command line), or the weights it is given alone (never the ensemble in their place)."""
     import scripts.qc.robustness as robustness
 
     overrides = first_inference_flags(
         monkeypatch,
         robustness,
         lambda: robustness.robustness(
-            synthetic_task, "training", str(tmp_path), cases=1, degradations="clean", ckpt_file=ckpt_file
+            synthetic_task,
+            "training",
+            str(tmp_path),
+            cases=1,
+            degradations="clean",
+            ckpt_file=ckpt_file,
+            ensemble=ensemble,
         ),
     )
-    assert overrides[overrides.index("--ensemble") + 1] == ensemble
+    assert overrides[overrides.index("--ensemble") + 1] == segmented_by
     assert ("--ckpt_file" in overrides) == (ckpt_file is not None)
 
 

@@ -44,7 +44,7 @@ BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # run by its file path: the bundle's scripts package is not on sys.path yet
     sys.path.insert(0, BUNDLE_DIR)
 
-from scripts import atomic_write  # noqa: E402
+from scripts import as_bool, atomic_write  # noqa: E402
 
 # the single models and the five cross-validation models the crops' ensemble reads (configs/inference.yaml)
 MODEL_FILES = ("model.pt", "model_tf.pt", "model.ts", *(f"fold{k}.pt" for k in range(5)))
@@ -191,7 +191,8 @@ def _cli(
     base_url: str = RELEASE_BASE_URL,
     pull_request: bool = False,
 ) -> None:
-    package(output_dir, name, bundle_dir, base_url, pull_request)  # prints the path once (fire would echo it again)
+    # prints the path once (fire would echo it again); "--pull_request false" arrives as a string
+    package(output_dir, name, bundle_dir, base_url, as_bool(pull_request))
 
 
 _cli.__doc__ = package.__doc__

@@ -8,6 +8,7 @@ import os
 import nibabel as nib
 import numpy as np
 import torch
+from scripts import as_bool
 from scripts.data.acquisition import simulate_voxel_size
 from scripts.labels import PARTS, mask_name
 from scripts.qc.calibration import dice, segment_folder, split_cases
@@ -17,6 +18,34 @@ def _voxel_size(target_mm: float, axes: tuple[int, ...]):
     def degrade(image: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         factors = [target_mm / spacing[a] if a in axes else 1.0 for a in range(3)]
         return simulate_voxel_size(torch.from_numpy(image)[None], factors)[0].numpy()
+
+    return degrade
+
+
+def slabs(image: np.ndarray, axis: int, width: int, upsampling: str = "linear") -> np.ndarray:
+    """`image` as if acquired in slices `width` voxels thick along `axis`, on its own grid: each slab of `width`
+    voxels averaged (the last may be thinner), then linearly interpolated between the slabs' centres (constant beyond
+    the outer ones) or, with `upsampling` "nearest", repeated over the slab, as a nearest-neighbour reslice leaves a
+    thick-slice scan."""
+    slices = np.moveaxis(image, axis, 0)
+    count = len(slices)
+    starts = np.arange(0, count, width)
+    means = np.stack([slices[start : start + width].mean(0) for start in starts])
+    if upsampling == "nearest":
+        resliced = means[np.arange(count) // width]
+    else:
+        centres = (starts + np.minimum(starts + width, count) - 1) / 2
+        position = np.interp(np.arange(count), centres, np.arange(len(starts)))
+        below = np.floor(position).astype(int)
+        above = np.minimum(below + 1, len(starts) - 1)
+        weight = (position - below).reshape(-1, *[1] * (image.ndim - 1))
+        resliced = means[below] * (1 - weight) + means[above] * weight
+    return np.moveaxis(resliced, 0, axis)
+
+
+def _slabs(target_mm: float, axis: int, upsampling: str):
+    def degrade(image: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return slabs(image, axis, max(int(round(target_mm / spacing[axis])), 1), upsampling)
 
     return degrade
 
@@ -51,6 +80,10 @@ DEGRADATIONS = {
     "noise": _noise,
     "gamma_0.7": _gamma(0.7),
     "gamma_1.5": _gamma(1.5),
+    # 5 mm slices as slabs of whole voxels, brought back linearly or by a nearest-neighbour reslice (last, so the
+    # rows above keep their seeds)
+    **{f"5mm_slabs_{AXES[a]}": _slabs(5.0, a, "linear") for a in range(3)},
+    **{f"5mm_slabs_nearest_{AXES[a]}": _slabs(5.0, a, "nearest") for a in range(3)},
 }
 
 
@@ -108,7 +141,7 @@ def robustness(
         "--recursive",
         "true",
         "--ensemble",
-        str(ensemble and not ckpt_file).lower(),  # other weights are one model's
+        str(as_bool(ensemble) and not ckpt_file).lower(),  # other weights are one model's
         *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else []),
     )
 
@@ -144,9 +177,9 @@ def robustness(
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    print(f"{'degradation':<16} {'cases':>5} " + " ".join(f"{'dice_' + p:>15} {'change':>7}" for p in PARTS))
+    print(f"{'degradation':<20} {'cases':>5} " + " ".join(f"{'dice_' + p:>15} {'change':>7}" for p in PARTS))
     for row in table:
         print(
-            f"{row['degradation']:<16} {row['cases']:>5} "
+            f"{row['degradation']:<20} {row['cases']:>5} "
             + " ".join(f"{row['dice_' + p]:>15.4f} {row['change_' + p]:>7}" for p in PARTS)
         )
