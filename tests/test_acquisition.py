@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from scripts.data.acquisition import RandAcquisitiond
+from scripts.data.acquisition import RandAcquisitiond, neighbour_differences, simulate_voxel_size, slice_sharpness
 from scripts.qc.robustness import DEGRADATIONS, slabs
 
 
@@ -64,3 +64,15 @@ def test_simulated_acquisition_thickens_one_axis_and_keeps_the_intensities():
     assert roughness[slice_axis] < 0.5 * min(r for a, r in enumerate(roughness) if a != slice_axis)
     assert float(low.mean()) == pytest.approx(float(image.mean()), abs=1e-4)
     assert float(low.std()) == pytest.approx(float(image.std()), rel=1e-4)
+
+
+def test_slice_sharpness_tells_thick_slices_from_isotropic_voxels():
+    """Relative to an image's own detail, 5 mm slices resampled to 1 mm (linearly or by nearest neighbour) are
+    found along their axis; 2 mm isotropic voxels lose detail evenly and are not taken for slices."""
+    image = torch.from_numpy(np.random.default_rng(4).normal(size=(1, 30, 40, 30)).astype(np.float32))
+    reference = neighbour_differences(image[0])
+    assert slice_sharpness(image[0], reference)[0] == pytest.approx(1.0)
+    sharpness, axis = slice_sharpness(simulate_voxel_size(image, [1.0, 1.0, 5.0])[0], reference)
+    assert sharpness < 0.2 and axis == 2
+    assert slice_sharpness(slabs(image[0].numpy(), 0, 5, "nearest"), reference) == (0.0, 0)
+    assert slice_sharpness(simulate_voxel_size(image, [2.0, 2.0, 2.0])[0], reference)[0] > 0.9

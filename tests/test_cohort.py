@@ -185,13 +185,23 @@ def test_quality_flags(tmp_path):
     from scripts.qc.check import CaseRow, QualityCheck
 
     check = QualityCheck(
-        {"anterior": [1000, 3000], "posterior": [1000, 3000]}, {"min_agreement": 0.9, "fail_agreement": 0.7}
+        {"anterior": [1000, 3000], "posterior": [1000, 3000]},
+        {"min_agreement": 0.9, "fail_agreement": 0.7, "min_slice_sharpness": 0.4},
     )
     labels = np.zeros((40, 40, 40), np.uint8)
     labels[5:17, 5:17, 5:17] = 1  # 1728 mm3
     labels[20:32, 5:17, 5:17] = 2
     good = check.row("good", write_mask(tmp_path / "good.nii.gz", labels), confidence=0.95, agreement=0.95)
     assert (good.qc, good.qc_reasons, good.columns()["anterior_mm3"]) == ("pass", "", "1728.0")
+    sharp = check.row("sharp", write_mask(tmp_path / "good.nii.gz", labels), agreement=0.95, slice_sharpness=(0.45, 2))
+    assert sharp.qc == "pass"
+    resliced = check.row(
+        "resliced", write_mask(tmp_path / "good.nii.gz", labels), agreement=0.95, slice_sharpness=(0.3, 2)
+    )
+    assert (resliced.qc, resliced.qc_reasons) == (
+        "review",
+        "looks like thick slices along its z axis, resampled to 1 mm: sharpness 0.30 (under 0.4)",
+    )
     assert good.columns()["qc_score"] == "0.950"  # a crop's qc_score is its models' agreement
     split = labels.copy()
     split[35:38, 35:38, 35:38] = 2  # a second piece of posterior

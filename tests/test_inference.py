@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from monai.transforms import LoadImage
 
-from conftest import BUNDLE_DIR
+from conftest import BUNDLE_DIR, template_crop
 from dicom_series import write_dicom_series
 
 # what every run writes beside the masks: the volumes table, the cohort report and its QC pictures
@@ -163,6 +163,32 @@ def test_crops_are_segmented_by_the_folds_ensemble_with_a_qc_score(crop_run, sin
         for name in fnmatch.filter(os.listdir(ensemble_dir), "*_seg.nii.gz")
     ]
     assert any(differs)
+
+
+def test_crops_resliced_from_thick_slices_are_flagged_by_their_content(tmp_path):
+    """A crop whose header says 1 mm but whose content was resampled from 5 mm slices (linearly, or repeated by a
+    nearest-neighbour reslice) is flagged for review naming the slices' axis; the crop as acquired is not."""
+    import torch
+    from scripts.data.acquisition import simulate_voxel_size
+    from scripts.qc.robustness import slabs
+
+    crop = template_crop().astype(np.float32)
+    copies = {
+        "acquired": crop,
+        "thick z": simulate_voxel_size(torch.from_numpy(crop)[None], [1.0, 1.0, 5.0])[0].numpy(),
+        "nearest x": slabs(crop, 0, 5, "nearest"),
+    }
+    images = tmp_path / "in"
+    images.mkdir()
+    for name, data in copies.items():
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(images / f"{name}.nii.gz"))
+    result = run_inference(images, tmp_path / "out", *SINGLE_MODEL, "--report", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "volumes.csv", newline="", encoding="utf-8") as f:
+        reasons = {row["case"].removesuffix(".nii.gz"): row["qc_reasons"] for row in csv.DictReader(f)}
+    assert "thick slices" not in reasons["acquired"]
+    assert "looks like thick slices along its z axis, resampled to 1 mm" in reasons["thick z"]
+    assert "looks like thick slices along its x axis, resampled to 1 mm: sharpness 0.00" in reasons["nearest x"]
 
 
 def test_torchscript_config_gives_the_same_masks(scans, single_model_run, tmp_path):

@@ -127,6 +127,21 @@ class ConfidenceRecorder:
         return data
 
 
+class SliceSharpnessRecorder:
+    """A post-processing step: records each case's `slice_sharpness` and `slice_axis` from its `key` image's metadata
+    (`scripts.data.acquisition.SliceSharpnessd` in the preprocessing), for the thick-slice QC flag."""
+
+    def __init__(self, key: str = "image") -> None:
+        self.key = key
+        self.values: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, data: dict) -> dict:
+        meta = data[self.key].meta
+        if "slice_sharpness" in meta:
+            self.values[str(meta["filename_or_obj"])] = (float(meta["slice_sharpness"]), int(meta["slice_axis"]))
+        return data
+
+
 def run(inputs: Inputs, evaluator, crops: CaseStream, heads: HeadCases) -> None:
     """Checks the inputs and that the output folder can be written, then segments the crops through `evaluator` and
     the heads (the evaluator's checkpoint loader has loaded the weights)."""

@@ -14,7 +14,7 @@ from scripts import BundleError
 from scripts.engine import distributed
 from scripts.engine.inferers import EnsembleInferer
 from scripts.inference import bids
-from scripts.inference.cases import ConfidenceRecorder, failure_reason
+from scripts.inference.cases import ConfidenceRecorder, SliceSharpnessRecorder, failure_reason
 from scripts.inference.inputs import Inputs
 from scripts.inference.report import write_report
 from scripts.inference.tables import write_volumes
@@ -36,9 +36,20 @@ class CaseRows:
     whose mask is missing."""
 
     def __init__(
-        self, inputs: Inputs, quality: QualityCheck, confidence: ConfidenceRecorder, inferer: EnsembleInferer
+        self,
+        inputs: Inputs,
+        quality: QualityCheck,
+        confidence: ConfidenceRecorder,
+        inferer: EnsembleInferer,
+        slices: SliceSharpnessRecorder | None = None,
     ) -> None:
-        self.inputs, self.quality, self.confidence, self.inferer = inputs, quality, confidence, inferer
+        self.inputs, self.quality, self.confidence, self.inferer, self.slices = (
+            inputs,
+            quality,
+            confidence,
+            inferer,
+            slices,
+        )
 
     def __call__(self, segmented: Sequence) -> tuple[list[Written], list[tuple[str, str]]]:
         """(image, mask, row, head result) of each written case of `segmented` (the crops' `CaseStream`, the heads'
@@ -60,7 +71,8 @@ class CaseRows:
                 row = self.quality.row(self.inputs.case(image), mask, head, head["confidence"])
             else:
                 confidence, agreement = self.confidence.values.get(image), self.inferer.agreement.get(image)
-                row = self.quality.row(self.inputs.case(image), mask, None, confidence, agreement)
+                sharpness = self.slices.values.get(image) if self.slices else None
+                row = self.quality.row(self.inputs.case(image), mask, None, confidence, agreement, sharpness)
             written.append((image, mask, row, head))
         return written, failed
 

@@ -1,7 +1,7 @@
 """QC calibration on the user's own labelled MSD task: the volume range of the training labels, the crops'
 flags against Dice (the crops' agreement thresholds: scripts.qc.folds). Run from the bundle folder:
 
-    python -m scripts.qc reference --dataset_dir D           # volume range of each label in the training split
+    python -m scripts.qc reference --dataset_dir D           # volume ranges and slice sharpness of the training split
     python -m scripts.qc evaluate --dataset_dir D --split validation --output_dir OUT    # flags against Dice
 """
 
@@ -15,7 +15,9 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import torch
 from scripts import BUNDLE_DIR
+from scripts.data.acquisition import neighbour_differences, simulate_voxel_size, slice_sharpness
 from scripts.labels import PARTS, mask_name
 from scripts.qc.check import CaseRow
 
@@ -37,18 +39,33 @@ def split_cases(dataset_dir: str, split: str, fold: int | None = None) -> list[d
 
 
 def reference(dataset_dir: str) -> dict:
-    """The range of each label's volume (mm3) over the training split's labels: `qc#volume_range`."""
-    ranges = {}
+    """From the training split: the range of each label's volume (mm3) over its labels (`qc#volume_range`), the
+    median of each axis's `neighbour_differences` over its images (`slice_sharpness_reference`) and the crops'
+    `qc#crop#min_slice_sharpness`: the lowest `slice_sharpness` of the images with 1.5 mm slices simulated across
+    each axis in turn (as training simulates them), rounded down to 0.05, so that slices thicker than about 2 mm
+    are flagged and 1.5 mm ones are not."""
     volumes = {part: [] for part in PARTS}
+    images = []
     for case in split_cases(dataset_dir, "training"):
         label = nib.load(case["label"])
         counts = np.bincount(np.asarray(label.dataobj, dtype=np.uint8).ravel(), minlength=3)
         voxel = abs(float(np.linalg.det(label.affine[:3, :3])))
         for index, part in enumerate(PARTS, start=1):
             volumes[part].append(counts[index] * voxel)
-    for part in PARTS:
-        ranges[part] = [float(min(volumes[part])), float(max(volumes[part]))]
-    return ranges
+        images.append(torch.from_numpy(np.asarray(nib.load(case["image"]).dataobj, dtype=np.float32))[None])
+    sharpness_reference = np.median([neighbour_differences(image[0]) for image in images], axis=0)
+    thinner = [
+        slice_sharpness(
+            simulate_voxel_size(image, [1.5 if a == axis else 1.0 for a in range(3)])[0], sharpness_reference
+        )[0]
+        for image in images
+        for axis in range(3)
+    ]
+    return {
+        "volume_range": {part: [float(min(volumes[part])), float(max(volumes[part]))] for part in PARTS},
+        "slice_sharpness_reference": [round(float(r), 4) for r in sharpness_reference],
+        "min_slice_sharpness": math.floor(20 * min(thinner)) / 20,
+    }
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -127,7 +127,8 @@ class QualityCheck:
     Any case is flagged for review when its voxels are thicker than `max_slice_mm` along some axis (slices thicker
     than the model was checked on), a label is absent, its volume lies outside the range of the training labels
     (scaled by a head's eTIV), or it is split into connected pieces. A crop is flagged for review when its models'
-    agreement is below `crop["min_agreement"]` and fails below `crop["fail_agreement"]`. A head's side is flagged for
+    agreement is below `crop["min_agreement"]` or its content looks like thick slices whatever its header says
+    (`crop["min_slice_sharpness"]`), and fails below `crop["fail_agreement"]`. A head's side is flagged for
     review when its confidence is below `head["min_confidence"]` or its test-time agreement (`scripts.head.segmenter`) below
     `head["min_agreement"]`, and the head when its left and right hippocampi differ by more than
     `head["max_asymmetry"]` of their mean; it fails when a side's agreement is below `head["fail_agreement"]`. A head
@@ -137,7 +138,9 @@ class QualityCheck:
         volume_range: {"anterior": [low, high], "posterior": [low, high]} in mm3 (`python -m scripts.qc reference`),
             for one hippocampus (a crop, or one side of a head) of a head with eTIV `reference_etiv_mm3`.
         crop: the crops' thresholds, `min_agreement` and `fail_agreement` (set on pairs of models that never saw
-            the case: `python -m scripts.qc folds`); None: no agreement flags.
+            the case: `python -m scripts.qc folds`) and `min_slice_sharpness` (under it a crop looks like thick
+            slices resampled to 1 mm: `scripts.data.acquisition.slice_sharpness`, `python -m scripts.qc
+            reference`); None: no such flags.
         reference_etiv_mm3: a head's ranges are scaled by its eTIV over this, so a large head is not flagged for
             its size (crops have no eTIV and keep the ranges as they are).
         head: the heads' thresholds, `min_confidence`, `min_agreement`, `fail_agreement` and `max_asymmetry` (set
@@ -171,9 +174,10 @@ class QualityCheck:
         head: dict | None = None,
         confidence: float | None = None,
         agreement: float | None = None,
+        slice_sharpness: tuple[float, int] | None = None,
     ) -> CaseRow:
         """The `CaseRow` of one written mask; `head` is the head segmenter's result, None for a crop, whose
-        `confidence` and models' `agreement` come from its inference."""
+        `confidence`, models' `agreement` and (`slice_sharpness`, its axis) come from its inference."""
         mask = nib.load(mask_file)
         labels = np.asarray(mask.dataobj, dtype=np.uint8)
         if labels.any():
@@ -215,10 +219,17 @@ class QualityCheck:
             self._head_signals(head, row, review, fail, thresholds)
         if kind == "crop" and agreement is not None:
             row.qc_score = agreement
-            if self.crop and agreement < self.crop["fail_agreement"]:
+            if "fail_agreement" in self.crop and agreement < self.crop["fail_agreement"]:
                 fail.append(f"the ensemble's models agree at {agreement:.3f}")
-            elif self.crop and agreement < self.crop["min_agreement"]:
+            elif "min_agreement" in self.crop and agreement < self.crop["min_agreement"]:
                 review.append(f"the ensemble's models agree at {agreement:.3f}")
+        if kind == "crop" and slice_sharpness is not None and "min_slice_sharpness" in self.crop:
+            sharpness, axis = slice_sharpness
+            if sharpness < self.crop["min_slice_sharpness"]:
+                review.append(
+                    f"looks like thick slices along its {'xyz'[axis]} axis, resampled to 1 mm: sharpness {sharpness:.2f}"
+                    f" (under {self.crop['min_slice_sharpness']:g})"
+                )
         row.qc = "fail" if fail else "review" if review else "pass"
         row.reasons = fail + review
         return row
