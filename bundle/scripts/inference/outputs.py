@@ -43,13 +43,8 @@ class CaseRows:
         inferer: EnsembleInferer,
         slices: SliceSharpnessRecorder | None = None,
     ) -> None:
-        self.inputs, self.quality, self.confidence, self.inferer, self.slices = (
-            inputs,
-            quality,
-            confidence,
-            inferer,
-            slices,
-        )
+        self.inputs, self.quality, self.confidence, self.inferer = inputs, quality, confidence, inferer
+        self.slices = slices
 
     def __call__(self, segmented: Sequence) -> tuple[list[Written], list[tuple[str, str]]]:
         """(image, mask, row, head result) of each written case of `segmented` (the crops' `CaseStream`, the heads'
