@@ -7,25 +7,13 @@ from scripts.data.acquisition import RandAcquisitiond, neighbour_differences, si
 from scripts.qc.robustness import DEGRADATIONS, slabs
 
 
-def _ramp(shape=(4, 7, 3), axis=1):
-    """An image whose values are the voxel index along `axis`, plus a pattern that does not vary along it."""
-    index = np.arange(shape[axis], dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
-    other = np.arange(np.prod(shape) // shape[axis], dtype=np.float32).reshape(
-        [1 if a == axis else n for a, n in enumerate(shape)]
-    )
-    return index + 100 * other
-
-
 def test_slabs_average_whole_voxels_and_interpolate_between_their_centres():
-    image = _ramp()  # 7 voxels along axis 1: slabs of 3 are voxels 0-2, 3-5 and 6 (centres 1, 4, 6)
-    resliced = slabs(image, axis=1, width=3)
-    assert resliced.shape == image.shape
-    expected_index = np.array([1, 1, 2, 3, 4, 5, 6], dtype=np.float32)  # constant before the first centre
-    np.testing.assert_allclose(
-        resliced - (image - np.arange(7).reshape(1, -1, 1)),
-        np.broadcast_to(expected_index.reshape(1, -1, 1), image.shape),
-        atol=1e-5,
-    )
+    # 7 voxels along axis 1: slabs of 3 are voxels 0-2, 3-5 and 6 (centres 1, 4, 6); a ramp along it comes back as it
+    # was between the first and last centres and constant before the first; what does not vary along it stays
+    pattern = np.random.default_rng(5).normal(size=(4, 1, 3))
+    resliced = slabs(pattern + np.arange(7.0).reshape(1, -1, 1), axis=1, width=3)
+    assert resliced.shape == (4, 7, 3)
+    np.testing.assert_allclose(resliced, pattern + np.array([1, 1, 2, 3, 4, 5, 6.0]).reshape(1, -1, 1), atol=1e-9)
 
 
 def test_nearest_slabs_repeat_each_slab_mean():

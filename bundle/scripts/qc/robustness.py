@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from scripts import as_bool
 from scripts.data.acquisition import simulate_voxel_size
-from scripts.labels import PARTS, mask_name
-from scripts.qc.calibration import dice, segment_folder, split_cases
+from scripts.labels import PARTS
+from scripts.qc.calibration import score_masks, segment_folder, split_cases
 
 
 def _voxel_size(target_mm: float, axes: tuple[int, ...]):
@@ -145,19 +145,16 @@ def robustness(
         *(["--ckpt_file", os.path.abspath(ckpt_file)] if ckpt_file else []),
     )
 
-    per_case = []
-    for case in chosen_cases:
-        truth = np.asarray(nib.load(case["label"]).dataobj)
-        file_name = mask_name(case["image"])
-        for name in chosen:
-            predicted = np.asarray(nib.load(os.path.join(masks, name, file_name)).dataobj)
-            per_case.append(
-                {
-                    "degradation": name,
-                    "case": os.path.basename(case["image"]),
-                    **{f"dice_{part}": dice(predicted == i, truth == i) for i, part in enumerate(PARTS, 1)},
-                }
-            )
+    scored = {name: score_masks(chosen_cases, masks, name) for name in chosen}
+    per_case = [
+        {
+            "degradation": name,
+            "case": os.path.basename(case["image"]),
+            **{f"dice_{part}": scored[name][index][f"dice_{part}"] for part in PARTS},
+        }
+        for index, case in enumerate(chosen_cases)
+        for name in chosen
+    ]
     table = []
     for name in chosen:
         rows = [r for r in per_case if r["degradation"] == name]
