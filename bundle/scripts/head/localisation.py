@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
@@ -89,16 +89,24 @@ class BrainExtraction:
         return networks.postprocess((brain > self.threshold).cpu().numpy())
 
 
+# the world direction (RAS axis, sign) of each face of a field of view, in words
+FACE_NAMES = {(0, 1): "right", (0, -1): "left", (1, 1): "front", (1, -1): "back", (2, 1): "top", (2, -1): "bottom"}
+
+
 @dataclass
 class Registration:
     """An affine map from template (MNI, RAS mm) to scan (RAS mm) points, how well the brains matched, and the
-    intracranial volume measured on the scan."""
+    intracranial volume measured on the scan: the brain mask's volume, None where the scan's field of view cuts the
+    brain."""
 
     matrix: np.ndarray  # 3x3 linear part
     offset: np.ndarray  # translation
     mutual_information: float
     correlation: float  # of the registered brain with the template's: negative for a T2's contrast
-    etiv_mm3: float  # the brain mask's volume (deepbet's mask holds the brain and its CSF)
+    etiv_mm3: float | None
+    brain_mask_mm3: float = 0.0  # deepbet's mask inside the field of view (the brain and its CSF)
+    brain_outside_fov: float = 0.0  # the share of the registered template brain beyond the faces that cut the brain
+    cut_faces: dict[str, float] = field(default_factory=dict)  # that share per face ("top", "left", ...)
 
     def __call__(self, points_mni: np.ndarray) -> np.ndarray:
         return points_mni @ self.matrix.T + self.offset
@@ -128,12 +136,43 @@ def _normalised_brain(image: sitk.Image, mask: sitk.Image, spacing: float) -> tu
     return resample(brain, spacing), resample(sitk.Cast(mask, sitk.sitkFloat32), spacing) > 0.5
 
 
+def field_of_view_cuts(
+    head: sitk.Image, mask: sitk.Image, min_section: float = 0.25
+) -> tuple[tuple[slice, ...], dict[tuple[int, int], str]]:
+    """The scan's field of view on `head`'s grid (numpy slices: the box of its voxels that are not exactly zero, as a
+    padded or conformed file holds a cut scan) and the faces of it that cut the brain: those where `mask`'s
+    cross-section, within 3 voxels of the face, is at least `min_section` of its largest along that axis (a brain
+    that ends inside the field of view, a skull-stripped one too, narrows to a few voxels there). Faces are
+    {(SimpleITK axis, -1 for its first voxels or 1 for its last): name}."""
+    box = nonzero_box(sitk.GetArrayViewFromImage(head) != 0)
+    brain = sitk.GetArrayViewFromImage(mask)[box] > 0
+    direction = np.asarray(head.GetDirection()).reshape(3, 3)
+    faces = {}
+    for axis in range(3):  # SimpleITK's axis; numpy's is 2 - axis
+        sections = brain.sum(axis=tuple(a for a in range(3) if a != 2 - axis))
+        if sections.size < 8 or sections.max() == 0:
+            continue
+        for side, near in ((-1, sections[:3]), (1, sections[-3:])):
+            if near.max() >= min_section * sections.max():
+                world = RAS_TO_LPS @ direction[:, axis] * side
+                faces[(axis, side)] = FACE_NAMES[
+                    (int(np.argmax(np.abs(world))), int(np.sign(world[np.argmax(np.abs(world))])))
+                ]
+    return box, faces
+
+
 class TemplateRegistration:
     """An affine registration of a scan's extracted brain to the MNI152 2009a template's brain (the same network's
     mask of the template): centres of mass of the two masks; the best of 27 coarse rotations (0 and
     +-30 degrees about each axis, for tilted heads); a similarity, then an affine stage. Mattes mutual information
-    near the template's brain, coarse to fine, fixed random sampling (deterministic). Neck, shoulders, fat, a cut
-    field of view or a missing skull do not reach the metric.
+    near the template's brain, coarse to fine, fixed random sampling (deterministic). Neck, shoulders, fat or a
+    missing skull do not reach the metric.
+
+    Where the scan's field of view cuts the brain (`field_of_view_cuts`), the part of the brain the scan holds is
+    registered to the template instead (the metric near the scan's brain, the template whole around it), after a
+    search of translations along the cut axes (the held part's centre of mass is not the brain's), and the eTIV is
+    withheld: the registered template brain beyond the cut recovers only about half of the brain that is missing
+    (docs/heads.md, "Fields of view that cut the brain"). The share of the template brain beyond the cut is recorded.
 
     Args:
         template_file: the template T1 (any resolution; registration runs at `spacing`).
@@ -142,7 +181,10 @@ class TemplateRegistration:
         min_mutual_information: below it the brain does not match the template's.
         min_correlation: below it the registered brain's intensities do not follow a T1's (e.g. a T2 or FLAIR).
         scale_range: allowed scaling of each axis, template to scan; a human brain lies well inside it.
-        etiv_range_mm3: a brain mask outside it is no head's intracranial volume (a failed extraction).
+        etiv_range_mm3: an eTIV outside it is no head's intracranial volume (a failed extraction).
+        min_cut_section: a face of the field of view cuts the brain where the brain's cross-section near it is at
+            least this share of its largest (`field_of_view_cuts`).
+        min_held_brain_mm3: less brain than this inside a cut field of view is too little to place the hippocampi.
     """
 
     def __init__(
@@ -154,6 +196,8 @@ class TemplateRegistration:
         min_correlation: float = 0.2,
         scale_range: Sequence[float] = (0.7, 1.4),
         etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0),
+        min_cut_section: float = 0.1,
+        min_held_brain_mm3: float = 300_000.0,
     ) -> None:
         self.template_file = template_file
         self.brain_mask_file = brain_mask_file
@@ -162,6 +206,8 @@ class TemplateRegistration:
         self.min_correlation = min_correlation
         self.scale_range = tuple(scale_range)
         self.etiv_range_mm3 = tuple(etiv_range_mm3)
+        self.min_cut_section = min_cut_section
+        self.min_held_brain_mm3 = min_held_brain_mm3
         self.template: sitk.Image | None = None
 
     def _load_template(self) -> None:
@@ -178,30 +224,41 @@ class TemplateRegistration:
         self.template, self.template_mask = _normalised_brain(template, mask, self.spacing)
         self.metric_mask = sitk.BinaryDilate(self.template_mask, [2] * 3)  # the brain's edge counts too
         self.brain = sitk.GetArrayFromImage(self.template_mask) > 0
+        # the template brain's voxels as LPS points, for what of it a registered scan holds
+        index = np.argwhere(self.brain)[:, ::-1].astype(np.float64)  # numpy z, y, x -> SimpleITK x, y, z
+        grid = np.asarray(self.template_mask.GetDirection()).reshape(3, 3) * np.asarray(self.template_mask.GetSpacing())
+        self.brain_points = index @ grid.T + np.asarray(self.template_mask.GetOrigin())
 
-    def _method(self) -> sitk.ImageRegistrationMethod:
+    def _method(self, images: tuple) -> sitk.ImageRegistrationMethod:
+        """The metric of `images` (fixed, moving, fixed mask, dense): random samples of the fixed mask, or all of
+        its voxels where `dense` (a held part of a brain: random samples of it placed cut heads at random)."""
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingStrategy(method.NONE if images[3] else method.RANDOM)
         method.SetMetricSamplingPercentage(0.1, 1)
-        method.SetMetricFixedMask(self.metric_mask)
+        method.SetMetricFixedMask(images[2])
         method.SetInterpolator(sitk.sitkLinear)
         return method
 
-    def _initial_rotation(self, rigid: sitk.Euler3DTransform, moving: sitk.Image) -> None:
-        """Sets `rigid` to the best of 27 rotations (0 and +-30 degrees about each axis) at 8 mm: gradient descent
-        alone misses heads tilted by more than about 30 degrees."""
-        method = self._method()
-        method.SetOptimizerAsExhaustive(numberOfSteps=[1, 1, 1, 0, 0, 0], stepLength=np.pi / 6)
-        method.SetOptimizerScales([1.0] * 6)
+    def _search(self, rigid: sitk.Euler3DTransform, images: tuple, steps: Sequence[int], scales: Sequence[float]):
+        """Sets `rigid` to the best of an exhaustive grid (`steps` each way along each parameter, `scales` apart) at
+        8 mm; `images` are (fixed, moving, fixed mask, dense)."""
+        method = self._method(images)
+        method.SetOptimizerAsExhaustive(numberOfSteps=list(steps), stepLength=1.0)
+        method.SetOptimizerScales(list(scales))
         method.SetShrinkFactorsPerLevel([4])
         method.SetSmoothingSigmasPerLevel([4.0])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetInitialTransform(rigid, inPlace=True)
-        method.Execute(self.template, moving)
+        method.Execute(*images[:2])
 
-    def _stage(self, transform: sitk.Transform, moving: sitk.Image, shrink: list[int], sigmas: list[float]):
-        method = self._method()
+    def _initial_rotation(self, rigid: sitk.Euler3DTransform, images: tuple) -> None:
+        """Sets `rigid` to the best of 27 rotations (0 and +-30 degrees about each axis) at 8 mm: gradient descent
+        alone misses heads tilted by more than about 30 degrees."""
+        self._search(rigid, images, [1, 1, 1, 0, 0, 0], [np.pi / 6] * 3 + [1.0] * 3)
+
+    def _stage(self, transform: sitk.Transform, images: tuple, shrink: list[int], sigmas: list[float]):
+        method = self._method(images)
         method.SetMetricSamplingPercentagePerLevel([0.2 if level > 1 else 0.1 for level in shrink], 1)
         method.SetOptimizerAsRegularStepGradientDescent(
             learningRate=2.0, minStep=1e-3, numberOfIterations=50, relaxationFactor=0.5
@@ -211,53 +268,106 @@ class TemplateRegistration:
         method.SetSmoothingSigmasPerLevel(sigmas)
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetInitialTransform(transform, inPlace=True)
-        method.Execute(self.template, moving)
+        method.Execute(*images[:2])
         return method
+
+    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = ()):
+        """The affine transform from `images[0]`'s (fixed) points to `images[1]`'s, its final method and the
+        correlation of the registered brains over the fixed brain: centres of mass of `masks` (fixed, moving),
+        translations along `search_axes` (LPS axes, +-40 mm), rotations, similarity, affine."""
+        rigid = sitk.CenteredTransformInitializer(
+            *(sitk.Cast(mask, sitk.sitkFloat32) for mask in masks),
+            sitk.Euler3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        )
+        if len(search_axes):
+            self._search(
+                rigid, images, [0, 0, 0, *(5 if a in search_axes else 0 for a in range(3))], [1.0] * 3 + [8.0] * 3
+            )
+        self._initial_rotation(rigid, images)
+        similarity = sitk.Similarity3DTransform()
+        similarity.SetCenter(rigid.GetCenter())
+        similarity.SetMatrix(rigid.GetMatrix())
+        similarity.SetTranslation(rigid.GetTranslation())
+        self._stage(similarity, images, [4], [4.0])
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(similarity.GetCenter())
+        affine.SetMatrix(similarity.GetMatrix())
+        affine.SetTranslation(similarity.GetTranslation())
+        method = self._stage(affine, images, [2, 1], [2.0, 0.0])
+        fixed, moving = images[:2]
+        registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0))
+        inside = sitk.GetArrayViewFromImage(masks[0]) > 0
+        correlation = float(np.corrcoef(registered[inside], sitk.GetArrayViewFromImage(fixed)[inside])[0, 1])
+        return affine, method, correlation
 
     def __call__(self, head: sitk.Image, mask: sitk.Image) -> Registration:
         """Registers `head`'s brain, where `mask` (on the same grid, from `BrainExtraction`) is non-zero."""
         if self.template is None:
             self._load_template()
-        etiv_mm3 = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
+        box, faces = field_of_view_cuts(head, mask, self.min_cut_section)
+        held = sitk.GetArrayFromImage(mask)
+        outside_box = np.ones(held.shape, dtype=bool)
+        outside_box[box] = False
+        if outside_box.any():  # what deepbet found in a padded file's zeros is no brain
+            held[outside_box] = 0
+            held = sitk.GetImageFromArray(held)
+            held.CopyInformation(mask)
+            mask = held
+        brain_mask_mm3 = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
         low, high = self.etiv_range_mm3
-        if not low <= etiv_mm3 <= high:
+        if faces:
+            low = self.min_held_brain_mm3  # a cut field of view holds part of the brain
+        if not low <= brain_mask_mm3 <= high:
             raise HeadError(
-                f"brain extraction found {etiv_mm3 / 1000:.0f} cm3 of brain, outside "
-                f"{low / 1000:.0f}-{high / 1000:.0f} cm3 of a human head (is this a T1-weighted head?)"
+                f"brain extraction found {brain_mask_mm3 / 1000:.0f} cm3 of brain"
+                f"{' inside the field of view' if faces else ''}, outside {low / 1000:.0f}-{high / 1000:.0f} cm3 "
+                f"of a human head (is this a T1-weighted head?)"
             )
         moving, moving_mask = _normalised_brain(head, mask, self.spacing)
-        rigid = sitk.CenteredTransformInitializer(
-            sitk.Cast(self.template_mask, sitk.sitkFloat32),
-            sitk.Cast(moving_mask, sitk.sitkFloat32),
-            sitk.Euler3DTransform(),
-            sitk.CenteredTransformInitializerFilter.MOMENTS,
-        )
-        self._initial_rotation(rigid, moving)
-        similarity = sitk.Similarity3DTransform()
-        similarity.SetCenter(rigid.GetCenter())
-        similarity.SetMatrix(rigid.GetMatrix())
-        similarity.SetTranslation(rigid.GetTranslation())
-        self._stage(similarity, moving, [4], [4.0])
-        affine = sitk.AffineTransform(3)
-        affine.SetCenter(similarity.GetCenter())
-        affine.SetMatrix(similarity.GetMatrix())
-        affine.SetTranslation(similarity.GetTranslation())
-        method = self._stage(affine, moving, [2, 1], [2.0, 0.0])
-        # the transform maps template (fixed) LPS points to scan (moving) LPS points; express it in RAS
+        if faces:
+            direction = np.asarray(head.GetDirection()).reshape(3, 3)
+            axes = sorted({int(np.argmax(np.abs(direction[:, axis]))) for axis, _ in faces})
+            scan_mask = sitk.BinaryDilate(moving_mask, [2] * 3)
+            scan_to_template, method, correlation = self._affine(
+                (moving, self.template, scan_mask, True), (moving_mask, self.template_mask), axes
+            )
+            affine = scan_to_template.GetInverse()
+        else:
+            affine, method, correlation = self._affine(
+                (self.template, moving, self.metric_mask, False), (self.template_mask, moving_mask)
+            )
+            # the transform maps template (fixed) LPS points to scan (moving) LPS points
         matrix_lps = np.array(affine.GetMatrix()).reshape(3, 3)
         offset_lps = np.array(affine.TransformPoint((0.0, 0.0, 0.0)))
-        registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, self.template, affine, sitk.sitkLinear, 0.0))
-        template = sitk.GetArrayViewFromImage(self.template)
-        correlation = float(np.corrcoef(registered[self.brain], template[self.brain])[0, 1])
+        beyond = self._beyond_faces(head, box, faces, matrix_lps, offset_lps)
         registration = Registration(
             RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS,
             RAS_TO_LPS @ offset_lps,
             -float(method.GetMetricValue()),
             correlation,
-            etiv_mm3,
+            None if faces else brain_mask_mm3,
+            brain_mask_mm3,
+            float(np.any(list(beyond.values()), axis=0).mean()) if beyond else 0.0,
+            {name: float(points.mean()) for name, points in beyond.items()},
         )
         self.check(registration)
         return registration
+
+    def _beyond_faces(self, head: sitk.Image, box, faces: dict, matrix_lps: np.ndarray, offset_lps: np.ndarray):
+        """{face name: which of the registered template brain's points lie beyond that face of the field of view},
+        for the faces that cut the brain."""
+        if not faces:
+            return {}
+        grid = np.asarray(head.GetDirection()).reshape(3, 3) * np.asarray(head.GetSpacing())
+        points = self.brain_points @ matrix_lps.T + offset_lps
+        index = (points - np.asarray(head.GetOrigin())) @ np.linalg.inv(grid).T
+        beyond = {}
+        for (axis, side), name in faces.items():
+            edge = box[2 - axis]
+            hit = index[:, axis] < edge.start - 0.5 if side < 0 else index[:, axis] > edge.stop - 0.5
+            beyond[name] = hit | beyond.get(name, False)
+        return beyond
 
     def check(self, registration: Registration) -> None:
         if registration.mutual_information < self.min_mutual_information:

@@ -172,6 +172,9 @@ class HeadSegmenter:
         times["writing_s"] = time.perf_counter() - start
         return {
             "etiv_mm3": registration.etiv_mm3,
+            "brain_mask_mm3": registration.brain_mask_mm3,
+            "brain_outside_fov": registration.brain_outside_fov,
+            "cut_faces": registration.cut_faces,
             "mutual_information": registration.mutual_information,
             "confidence": float(np.concatenate(list(confident.values())).mean()),
             "side_confidence": {side: float(values.mean()) for side, values in confident.items()},

@@ -137,7 +137,9 @@ def write_sidecar(mask_file: str, source: str, source_dir: str, version: str, ro
             "MutualInformation": round(head["mutual_information"], 4),
             "Correlation": round(head["correlation"], 4),
         }
-        sidecar["eTIV_mm3"] = round(head["etiv_mm3"])
+        # null where the field of view cuts too much of the brain (QCReasons says so)
+        sidecar["eTIV_mm3"] = None if head["etiv_mm3"] is None else round(head["etiv_mm3"])
+        sidecar["BrainOutsideFieldOfView"] = round(head.get("brain_outside_fov", 0.0), 3)
     _write_json(mask_file[: -len(".nii.gz")] + ".json", sidecar)
 
 

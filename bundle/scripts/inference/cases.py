@@ -103,9 +103,10 @@ class HeadCases:
                 continue
             self.results[image] = result
             split = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in result.items() if k.endswith("_s"))
+            etiv = "withheld" if result["etiv_mm3"] is None else f"{result['etiv_mm3'] / 1000:.0f} cm3"
             logger.info(
                 f"{image}: head segmented in {time.perf_counter() - start:.1f} s ({split}), "
-                f"eTIV {result['etiv_mm3'] / 1000:.0f} cm3, mutual information {result['mutual_information']:.2f}, "
+                f"eTIV {etiv}, mutual information {result['mutual_information']:.2f}, "
                 f"correlation {result['correlation']:.2f}"
             )
 

@@ -109,7 +109,9 @@ def _picture(png_file: str | None, lazy: bool) -> str:
 def _volumes(row: CaseRow) -> str:
     if row.kind == "head":
         text = ", ".join(f"{side} {row.volume(side):.0f}" for side in SIDES)
-        return text + (f" mm³; eTIV {row.etiv_mm3 / 1000:.0f} cm³" if row.etiv_mm3 else " mm³")
+        if row.kind != "head":
+            return text + " mm³"
+        return text + (f" mm³; eTIV {row.etiv_mm3 / 1000:.0f} cm³" if row.etiv_mm3 else " mm³; eTIV withheld")
     return f"anterior {row.volume(part='anterior'):.0f}, posterior {row.volume(part='posterior'):.0f} mm³"
 
 

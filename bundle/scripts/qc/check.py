@@ -200,7 +200,10 @@ class QualityCheck:
         slice_mm = round(float(np.linalg.norm(mask.affine[:3, :3], axis=0).max()), 2)
         if slice_mm > self.max_slice_mm:
             review.append(f"{slice_mm:g} mm slices: volumes move on slices over {self.max_slice_mm:g} mm")
-        scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None else 1.0
+        if head is not None and head.get("cut_faces"):
+            review.append(_field_of_view_reason(head))
+        # a head's ranges scale with its eTIV; a withheld eTIV (a cut field of view) keeps a typical adult's
+        scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None and head["etiv_mm3"] else 1.0
         for name, label in named.items():
             low, high = (scale * v for v in self.volume_range[name.split()[-1]])
             volume = row.volumes[name]
@@ -251,6 +254,17 @@ class QualityCheck:
         if difference > thresholds["max_asymmetry"]:
             review.append(f"left and right hippocampi differ by {100 * difference:.0f}%")
         row.qc_score = min(head["side_agreement"].values())
+
+
+def _field_of_view_reason(head: dict) -> str:
+    """The reason that names where a head's field of view cuts its brain (`scripts.head.localisation`)."""
+    faces = sorted(head["cut_faces"].items(), key=lambda item: -item[1])
+    shares = len(faces) > 1  # each face's share where there are several
+    where = " and ".join(f"its {name}" + (f" ({100 * share:.0f}%)" if shares else "") for name, share in faces)
+    return (
+        f"the field of view cuts the brain at {where}: {100 * head['brain_outside_fov']:.0f}% of the registered "
+        f"template brain outside it, eTIV withheld"
+    )
 
 
 def asymmetry(left, right):
