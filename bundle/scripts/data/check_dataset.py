@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import nibabel as nib
 import numpy as np
 from scripts import BundleError, as_bool
+from scripts.data.headers import MAX_VOXELS, HeaderError, check_header
 from scripts.data.msd import load_training_list
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,21 @@ def _fmt_values(values, limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
-def _read(path: str, what: str, errors: list[str], warnings: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Read one file once; returns (data squeezed to 3D, affine), or (None, None) when it is unusable as a volume.
+def _read(
+    path: str, what: str, errors: list[str], warnings: list[str], max_voxels: int = MAX_VOXELS
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Read one file once, its header checked first (`scripts.data.headers.check_header`); returns (data squeezed to
+    3D, affine), or (None, None) when it is unusable as a volume.
 
     When the data is read but not 3D, returns (None, affine) so the caller can skip shape comparisons.
     """
     if not os.path.isfile(path):
         errors.append(f"{path}: {what} file not found")
+        return None, None
+    try:
+        check_header(path, max_voxels)
+    except HeaderError as e:
+        errors.append(f"{path}: {what} refused before reading ({e})")
         return None, None
     try:
         img = nib.load(path, mmap=False)
@@ -105,7 +114,7 @@ def _check_label(path: str, data: np.ndarray, labels: set[int], errors: list[str
         )
 
 
-def check_case(case: dict, labels: set[int]) -> tuple[list[str], list[str]]:
+def check_case(case: dict, labels: set[int], max_voxels: int = MAX_VOXELS) -> tuple[list[str], list[str]]:
     """Check one {"image": path, "label": path} case; returns (errors, warnings), each "<file>: <reason>".
 
     `labels` is the set of allowed label values (the integer keys of dataset.json's `labels`).
@@ -120,7 +129,7 @@ def check_case(case: dict, labels: set[int]) -> tuple[list[str], list[str]]:
             errors.append(f"{case.get('image') or case.get('label') or case!r}: case has no {key!r} path")
             volumes[key] = (None, None)
             continue
-        data, affine = _read(path, key, errors, warnings)
+        data, affine = _read(path, key, errors, warnings, max_voxels)
         volumes[key] = (data, affine)
         if data is None:
             continue
@@ -177,7 +186,7 @@ def _read_labels(dataset_dir: str) -> set[int]:
         raise BadDatasetError(f"{path}: 'labels' keys must be integers, got {list(labels)}") from None
 
 
-def check_dataset(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
+def check_dataset(dataset_dir: str, skip_bad_cases: bool = False, max_voxels: int = MAX_VOXELS) -> list[dict]:
     """Check every case of `dataset_dir/dataset.json`'s `training` list; returns the good cases.
 
     The cases are returned as by `scripts.data.msd.load_training_list` (absolute paths). Warnings are logged. If any case
@@ -191,7 +200,7 @@ def check_dataset(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
     cases = load_training_list(dataset_dir)
     workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1, len(cases)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda case: check_case(case, labels), cases))
+        results = list(pool.map(lambda case: check_case(case, labels, max_voxels), cases))
     good, bad = [], []
     for case, (errors, warnings) in zip(cases, results):
         for warning in warnings:
@@ -212,14 +221,14 @@ def check_dataset(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
     raise BadDatasetError("\n".join(lines + ["fix them or pass --skip_bad_cases true to drop them"]))
 
 
-def dataset_cases(dataset_dir: str, skip_bad_cases: bool = False) -> list[dict]:
+def dataset_cases(dataset_dir: str, skip_bad_cases: bool = False, max_voxels: int = MAX_VOXELS) -> list[dict]:
     """`check_dataset` for the configs: a bad dataset ends the run with the report, not a traceback. A dataset folder
     that does not exist gives no cases, so that a config with its default paths loads (MONAI's `check_properties`):
     `require_dataset` stops the run when it starts."""
     if not os.path.exists(os.path.expanduser(str(dataset_dir))):
         return []
     try:
-        return check_dataset(dataset_dir, skip_bad_cases)
+        return check_dataset(dataset_dir, skip_bad_cases, max_voxels)
     except (BadDatasetError, FileNotFoundError) as e:
         raise BundleError(str(e)) from None
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
 from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.transforms import MapTransform
+from scripts.data.headers import MAX_VOXELS, check_header
 from scripts.labels import FREESURFER_SUFFIXES
 
 
@@ -15,6 +17,23 @@ def image_reader(path: str) -> ImageReader | None:
     """The reader for `path` at run time: nibabel for FreeSurfer's `.mgz`/`.mgh` (MONAI chooses readers by suffix and
     knows only NIfTI's for nibabel), else None (MONAI's choice)."""
     return NibabelReader() if str(path).lower().endswith(FREESURFER_SUFFIXES) else None
+
+
+class CheckHeaderd(MapTransform):
+    """Checks the header of each key's file before LoadImaged reads a voxel (`scripts.data.headers.check_header`):
+    a file whose header lies is refused by name, and no header allocates more than `max_voxels` voxels. Images
+    already in memory (MONAI Deploy's) pass as they are."""
+
+    def __init__(self, keys: KeysCollection, max_voxels: int = MAX_VOXELS, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_voxels = int(max_voxels)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], (str, os.PathLike)):
+                check_header(os.fspath(d[key]), self.max_voxels)
+        return d
 
 
 class RejectInvalidImaged(MapTransform):

@@ -107,6 +107,7 @@ class Registration:
     brain_mask_mm3: float = 0.0  # deepbet's mask inside the field of view (the brain and its CSF)
     brain_outside_fov: float = 0.0  # the share of the registered template brain beyond the faces that cut the brain
     cut_faces: dict[str, float] = field(default_factory=dict)  # that share per face ("top", "left", ...)
+    face_shares: dict[str, float] = field(default_factory=dict)  # the same for every face the brain mask reaches
 
     def __call__(self, points_mni: np.ndarray) -> np.ndarray:
         return points_mni @ self.matrix.T + self.offset
@@ -168,11 +169,13 @@ class TemplateRegistration:
     near the template's brain, coarse to fine, fixed random sampling (deterministic). Neck, shoulders, fat or a
     missing skull do not reach the metric.
 
-    Where the scan's field of view cuts the brain (`field_of_view_cuts`), the part of the brain the scan holds is
-    registered to the template instead (the metric near the scan's brain, the template whole around it), after a
-    search of translations along the cut axes (the held part's centre of mass is not the brain's), and the eTIV is
-    withheld: the registered template brain beyond the cut recovers only about half of the brain that is missing
-    (docs/heads.md, "Fields of view that cut the brain"). The share of the template brain beyond the cut is recorded.
+    Where the brain mask reaches a face of the scan's field of view (`field_of_view_cuts`) and at least
+    `min_brain_outside` of the registered template brain lies beyond it, or the registration is implausible, the
+    field of view cuts the brain: the part of the brain the scan holds is registered to the template instead (every
+    voxel near the scan's brain in the metric, the template whole around it), after a search of translations along
+    the cut axes (the held part's centre of mass is not the brain's), and the eTIV is withheld: the registered
+    template brain beyond the cut recovers only about half of the brain that is missing (docs/heads.md, "Fields of
+    view that cut the brain"). The share of the template brain beyond each cutting face is recorded.
 
     Args:
         template_file: the template T1 (any resolution; registration runs at `spacing`).
@@ -184,6 +187,8 @@ class TemplateRegistration:
         etiv_range_mm3: an eTIV outside it is no head's intracranial volume (a failed extraction).
         min_cut_section: a face of the field of view cuts the brain where the brain's cross-section near it is at
             least this share of its largest (`field_of_view_cuts`).
+        min_brain_outside: a face cuts the brain where at least this share of the registered template brain lies
+            beyond it (a field of view that grazes the brain moved the eTIV by under 1%).
         min_held_brain_mm3: less brain than this inside a cut field of view is too little to place the hippocampi.
     """
 
@@ -197,6 +202,7 @@ class TemplateRegistration:
         scale_range: Sequence[float] = (0.7, 1.4),
         etiv_range_mm3: Sequence[float] = (600_000.0, 2_600_000.0),
         min_cut_section: float = 0.1,
+        min_brain_outside: float = 0.005,
         min_held_brain_mm3: float = 300_000.0,
     ) -> None:
         self.template_file = template_file
@@ -207,6 +213,7 @@ class TemplateRegistration:
         self.scale_range = tuple(scale_range)
         self.etiv_range_mm3 = tuple(etiv_range_mm3)
         self.min_cut_section = min_cut_section
+        self.min_brain_outside = min_brain_outside
         self.min_held_brain_mm3 = min_held_brain_mm3
         self.template: sitk.Image | None = None
 
@@ -271,10 +278,7 @@ class TemplateRegistration:
         method.Execute(*images[:2])
         return method
 
-    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = ()):
-        """The affine transform from `images[0]`'s (fixed) points to `images[1]`'s, its final method and the
-        correlation of the registered brains over the fixed brain: centres of mass of `masks` (fixed, moving),
-        translations along `search_axes` (LPS axes, +-40 mm), rotations, similarity, affine."""
+    def _similarity(self, images: tuple, masks: tuple, search_axes: Sequence[int]) -> sitk.AffineTransform:
         rigid = sitk.CenteredTransformInitializer(
             *(sitk.Cast(mask, sitk.sitkFloat32) for mask in masks),
             sitk.Euler3DTransform(),
@@ -294,6 +298,17 @@ class TemplateRegistration:
         affine.SetCenter(similarity.GetCenter())
         affine.SetMatrix(similarity.GetMatrix())
         affine.SetTranslation(similarity.GetTranslation())
+        return affine
+
+    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = (), initial=None):
+        """The affine transform from `images[0]`'s (fixed) points to `images[1]`'s, its final method and the
+        correlation of the registered brains over the fixed brain: from an `initial` affine transform, or from the
+        centres of mass of `masks` (fixed, moving), translations along `search_axes` (LPS axes, +-40 mm),
+        rotations and a similarity; then an affine stage."""
+        if initial is not None:
+            affine = sitk.AffineTransform(initial)
+        else:
+            affine = self._similarity(images, masks, search_axes)
         method = self._stage(affine, images, [2, 1], [2.0, 0.0])
         fixed, moving = images[:2]
         registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0))
@@ -305,7 +320,7 @@ class TemplateRegistration:
         """Registers `head`'s brain, where `mask` (on the same grid, from `BrainExtraction`) is non-zero."""
         if self.template is None:
             self._load_template()
-        box, faces = field_of_view_cuts(head, mask, self.min_cut_section)
+        box, candidates = field_of_view_cuts(head, mask, self.min_cut_section)
         held = sitk.GetArrayFromImage(mask)
         outside_box = np.ones(held.shape, dtype=bool)
         outside_box[box] = False
@@ -315,44 +330,73 @@ class TemplateRegistration:
             held.CopyInformation(mask)
             mask = held
         brain_mask_mm3 = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
-        low, high = self.etiv_range_mm3
-        if faces:
-            low = self.min_held_brain_mm3  # a cut field of view holds part of the brain
-        if not low <= brain_mask_mm3 <= high:
-            raise HeadError(
-                f"brain extraction found {brain_mask_mm3 / 1000:.0f} cm3 of brain"
-                f"{' inside the field of view' if faces else ''}, outside {low / 1000:.0f}-{high / 1000:.0f} cm3 "
-                f"of a human head (is this a T1-weighted head?)"
-            )
+        self._check_brain_volume(brain_mask_mm3, self.min_held_brain_mm3 if candidates else None)
         moving, moving_mask = _normalised_brain(head, mask, self.spacing)
-        if faces:
+        affine, method, correlation = self._affine(
+            (self.template, moving, self.metric_mask, False), (self.template_mask, moving_mask)
+        )
+        # the transform maps template (fixed) LPS points to scan (moving) LPS points
+        registration = self._registration(affine, method, correlation, brain_mask_mm3, head, box, candidates)
+        plausible = self._plausible(registration)
+        if candidates and (registration.cut_faces or not plausible):
+            # refined from the whole-brain registration where it is plausible, else searched for along the cut axes
             direction = np.asarray(head.GetDirection()).reshape(3, 3)
-            axes = sorted({int(np.argmax(np.abs(direction[:, axis]))) for axis, _ in faces})
-            scan_mask = sitk.BinaryDilate(moving_mask, [2] * 3)
+            axes = sorted({int(np.argmax(np.abs(direction[:, axis]))) for axis, _ in candidates})
             scan_to_template, method, correlation = self._affine(
-                (moving, self.template, scan_mask, True), (moving_mask, self.template_mask), axes
+                (moving, self.template, sitk.BinaryDilate(moving_mask, [2] * 3), True),
+                (moving_mask, self.template_mask),
+                axes,
+                affine.GetInverse() if plausible else None,
             )
-            affine = scan_to_template.GetInverse()
-        else:
-            affine, method, correlation = self._affine(
-                (self.template, moving, self.metric_mask, False), (self.template_mask, moving_mask)
+            whole = self._registration(
+                scan_to_template.GetInverse(), method, correlation, brain_mask_mm3, head, box, candidates
             )
-            # the transform maps template (fixed) LPS points to scan (moving) LPS points
+            if not whole.cut_faces:  # the faces that called for it, as this registration places the template
+                whole.cut_faces = {name: whole.face_shares[name] for name in registration.cut_faces}
+                whole.etiv_mm3 = None
+            registration = whole
+        if registration.etiv_mm3 is not None:
+            self._check_brain_volume(brain_mask_mm3)
+        self.check(registration)
+        return registration
+
+    def _check_brain_volume(self, brain_mm3: float, low: float | None = None) -> None:
+        """A brain mask outside `etiv_range_mm3` (its lower end `low` where the field of view may cut the brain) is
+        a failed extraction."""
+        low, high = low or self.etiv_range_mm3[0], self.etiv_range_mm3[1]
+        if not low <= brain_mm3 <= high:
+            raise HeadError(
+                f"brain extraction found {brain_mm3 / 1000:.0f} cm3 of brain, outside {low / 1000:.0f}-"
+                f"{high / 1000:.0f} cm3 of a human head (is this a T1-weighted head?)"
+            )
+
+    def _plausible(self, registration: Registration) -> bool:
+        try:
+            self.check(registration)
+        except HeadError:
+            return False
+        return True
+
+    def _registration(self, affine, method, correlation, brain_mask_mm3, head, box, candidates) -> Registration:
+        """The `Registration` of a template-to-scan `affine`, the faces of `candidates` beyond which at least
+        `min_brain_outside` of its template brain lies counted as cutting the brain (eTIV None)."""
         matrix_lps = np.array(affine.GetMatrix()).reshape(3, 3)
         offset_lps = np.array(affine.TransformPoint((0.0, 0.0, 0.0)))
-        beyond = self._beyond_faces(head, box, faces, matrix_lps, offset_lps)
-        registration = Registration(
+        beyond = self._beyond_faces(head, box, candidates, matrix_lps, offset_lps)
+        shares = {name: float(points.mean()) for name, points in beyond.items()}
+        cut = {name: share for name, share in shares.items() if share >= self.min_brain_outside}
+        outside = float(np.any([beyond[name] for name in cut], axis=0).mean()) if cut else 0.0
+        return Registration(
             RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS,
             RAS_TO_LPS @ offset_lps,
             -float(method.GetMetricValue()),
             correlation,
-            None if faces else brain_mask_mm3,
+            None if cut else brain_mask_mm3,
             brain_mask_mm3,
-            float(np.any(list(beyond.values()), axis=0).mean()) if beyond else 0.0,
-            {name: float(points.mean()) for name, points in beyond.items()},
+            outside,
+            cut,
+            shares,
         )
-        self.check(registration)
-        return registration
 
     def _beyond_faces(self, head: sitk.Image, box, faces: dict, matrix_lps: np.ndarray, offset_lps: np.ndarray):
         """{face name: which of the registered template brain's points lie beyond that face of the field of view},

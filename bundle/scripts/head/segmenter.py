@@ -15,7 +15,8 @@ from monai.data import FolderLayoutBase, MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, SaveImage
 from scipy import ndimage
-from scripts.data.transforms import RejectInvalidImaged, image_reader
+from scripts.data.headers import MAX_VOXELS, check_header
+from scripts.data.transforms import CheckHeaderd, RejectInvalidImaged, image_reader
 from scripts.head.localisation import BrainExtraction, HeadError, Registration, TemplateRegistration
 from scripts.imaging import RAS_TO_LPS, sample_near, to_sitk
 from scripts.labels import HEAD_LABELS, PARTS, SIDES, structure_name
@@ -89,6 +90,8 @@ class HeadSegmenter:
         agreement_shift_mm: the shift (whole mm along the box's axes) of a second box per side, segmented for QC
             only: the Dice of its hippocampus with the box's, where they overlap, is the side's agreement under
             test-time augmentation.
+        max_voxels: a scan whose header claims more voxels is refused before it is read
+            (`scripts.data.headers.check_header`).
     """
 
     def __init__(
@@ -107,10 +110,14 @@ class HeadSegmenter:
         max_fragment_fraction: float = 0.1,
         min_box_coverage: float = 0.9,
         agreement_shift_mm: Sequence[int] = (2, 2, 2),
+        max_voxels: int = MAX_VOXELS,
     ) -> None:
         self.network = network
         self.inferer = inferer
-        self.box_preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadImaged)])
+        self.box_preprocessing = Compose(
+            [t for t in preprocessing.transforms if not isinstance(t, (CheckHeaderd, LoadImaged))]
+        )
+        self.max_voxels = int(max_voxels)
         self.brain_extraction = brain_extraction
         self.registration = registration
         self.box_centers = {side: np.asarray(box_centers[side], dtype=np.float64) for side in SIDES}
@@ -132,6 +139,7 @@ class HeadSegmenter:
         split. Raises for a bad case."""
         times = {}
         start = time.perf_counter()
+        check_header(path, self.max_voxels)
         image = self.checked(self.load({"image": path}, image_reader(path)))["image"]
         head = to_sitk(image)
         times["read_s"] = time.perf_counter() - start

@@ -3,7 +3,10 @@ datasets stop at the first unreadable file, and its bundle CLI does not tell cro
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -24,13 +27,43 @@ def split_by_kind(cases: Sequence[dict], kind: str = "auto", max_crop_mm: float 
     return split
 
 
+class CaseTimeout(TimeoutError):
+    """A case that took longer than the run's `case_time_limit_s`."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raises `CaseTimeout` in the block after `seconds` (0: no limit): a SIGALRM timer, so only in a process's main
+    thread (a DataLoader worker's too); elsewhere the block runs unlimited."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"the case took longer than --case_time_limit_s {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class SafeCases(Dataset):
-    """Each case preprocessed on demand; a case that fails becomes `{"image": path, "failure": reason}`."""
+    """Each case preprocessed on demand, within `time_limit_s` (0: none); a case that fails becomes
+    `{"image": path, "failure": reason}`."""
+
+    def __init__(self, data: Sequence, transform: Callable | None = None, time_limit_s: float = 0) -> None:
+        super().__init__(data, transform)
+        self.time_limit_s = float(time_limit_s)
 
     def _transform(self, index: int) -> dict:
         case = self.data[index]
         try:
-            return self.transform(dict(case))
+            with time_limit(self.time_limit_s):
+                return self.transform(dict(case))
         except Exception as e:  # any reader or transform error belongs to this case only
             return {"image": case["image"], "failure": failure_reason(e)}
 
@@ -82,12 +115,13 @@ def failure_reason(error: BaseException) -> str:
 
 
 class HeadCases:
-    """Whole-head cases, segmented one at a time by `segmenter` (`scripts.head.segmenter.HeadSegmenter`); a case that
-    fails is kept in `failures` with its reason, and the others go on."""
+    """Whole-head cases, segmented one at a time by `segmenter` (`scripts.head.segmenter.HeadSegmenter`), each within
+    `time_limit_s` (0: none); a case that fails is kept in `failures` with its reason, and the others go on."""
 
-    def __init__(self, data: Sequence[dict], segmenter: Callable[[str], dict]) -> None:
+    def __init__(self, data: Sequence[dict], segmenter: Callable[[str], dict], time_limit_s: float = 0) -> None:
         self.cases = list(data)
         self.segmenter = segmenter
+        self.time_limit_s = float(time_limit_s)
         self.failures: list[tuple[str, str]] = []
         self.results: dict[str, dict] = {}
 
@@ -96,7 +130,8 @@ class HeadCases:
             image = case["image"]
             try:
                 start = time.perf_counter()
-                result = self.segmenter(image)
+                with time_limit(self.time_limit_s):
+                    result = self.segmenter(image)
             except Exception as e:  # any reader, registration or segmentation error belongs to this case only
                 self.failures.append((image, failure_reason(e)))
                 logger.error(f"{image}: FAILED, {failure_reason(e)}")

@@ -202,15 +202,16 @@ class QualityCheck:
             review.append(f"{slice_mm:g} mm slices: volumes move on slices over {self.max_slice_mm:g} mm")
         if head is not None and head.get("cut_faces"):
             review.append(_field_of_view_reason(head))
-        # a head's ranges scale with its eTIV; a withheld eTIV (a cut field of view) keeps a typical adult's
-        scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None and head["etiv_mm3"] else 1.0
+        # a head's ranges scale with its eTIV; a head whose eTIV is withheld (a cut field of view) is not range-checked
+        scaled = head is None or head["etiv_mm3"] is not None
+        scale = head["etiv_mm3"] / self.reference_etiv_mm3 if head is not None and scaled else 1.0
         for name, label in named.items():
             low, high = (scale * v for v in self.volume_range[name.split()[-1]])
             volume = row.volumes[name]
             if volume == 0:
                 review.append(f"{name} absent")
                 continue
-            if not low <= volume <= high:
+            if scaled and not low <= volume <= high:
                 review.append(f"{name} {volume:.0f} mm3 outside {low:.0f}-{high:.0f}")
             box = boxes[label - 1] if label <= len(boxes) else None  # None: too small to reach the scan's voxels
             pieces = ndimage.label(labels[box] == label, structure=np.ones((3, 3, 3)))[1] if box else 1
