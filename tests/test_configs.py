@@ -232,3 +232,16 @@ def test_configs_and_metadata_name_the_labels_of_scripts_labels():
     assert metadata["label_classes"] == crop
     assert metadata["pred_classes"] == f"crop inputs: {crop}; whole-head inputs: {head} hippocampus"
     assert [name.lower() for _, name in sorted(LABELS.items())] == list(CLASS_NAMES)
+
+
+def test_the_card_names_the_current_version():
+    """Every place the model card names the bundle's version (its header line and its citation) says
+    metadata.json's."""
+    import re
+
+    with open(os.path.join(BUNDLE_DIR, "configs", "metadata.json")) as f:
+        version = json.load(f)["version"]
+    with open(os.path.join(BUNDLE_DIR, "docs", "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    named = re.findall(r"Version (\d+\.\d+\.\d+)", card)
+    assert len(named) >= 2 and set(named) == {version}, named

@@ -133,7 +133,11 @@ def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
     assert report.rows[0]["dice_posterior"] == pytest.approx(1.0)
 
 
-def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
+@pytest.mark.parametrize("ensemble", ["true", "false"])
+def test_evaluate_command_scores_what_inference_writes(synthetic_task, tmp_path, ensemble):
+    """The documented evaluation scores the masks the documented inference writes, case by case: the crops' ensemble
+    by default, ckpt_file's model alone with --ensemble false; the reports say which."""
+    flags = [] if ensemble == "true" else ["--ensemble", "false"]
     log = bundle_command(
         "run",
         "evaluating",
@@ -145,15 +149,18 @@ def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
         str(tmp_path),
         "--eval_split",
         "all",
+        *flags,
     )
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {"dice_anterior", "hd95_posterior", "nsd_anterior"} <= set(rows[0])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 12 and "tf_soft_dice_posterior" in summary
-    assert "Evaluation of 12 cases" in log
+    scored = "fold0.pt, fold1.pt, fold2.pt, fold3.pt, fold4.pt" if ensemble == "true" else "model.pt"
+    assert summary["model"] == scored and {row["model"] for row in rows} == {scored}
+    assert f"Evaluation of 12 cases by {scored}" in log
 
-    # the masks inference writes score what evaluation reports: one inferer, one mapping back to each case's grid
+    # the masks inference writes score what evaluation reports: one network, inferer, mapping back and post-processing
     masks = tmp_path / "masks"
     bundle_command(
         "run",
@@ -163,10 +170,7 @@ def test_evaluate_command_writes_reports(synthetic_task, tmp_path):
         os.path.join(synthetic_task, "imagesTr"),
         "--output_dir",
         str(masks),
-        "--keep_largest",
-        "false",
-        "--ensemble",
-        "false",
+        *flags,
     )
     for row in rows:
         name = row["case"][: -len(".nii.gz")]

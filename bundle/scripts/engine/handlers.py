@@ -67,12 +67,16 @@ class CaseMetricsReport:
 
     MONAI's metric handlers cannot pass each case's voxel spacing, which HD95 and NSD in mm need.
     Reads `pred`/`label` (one-hot, original grid) and `resized_pred`/`resized_label` from the evaluator output.
+    `model` names what was scored (the weight files), in both files and the log.
     """
 
-    def __init__(self, output_dir: str, class_names: Sequence[str], nsd_tolerance_mm: float = 1.0) -> None:
+    def __init__(
+        self, output_dir: str, class_names: Sequence[str], nsd_tolerance_mm: float = 1.0, model: str = ""
+    ) -> None:
         self.output_dir = output_dir
         self.class_names = list(class_names)
         self.nsd_tolerance_mm = nsd_tolerance_mm
+        self.model = model
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
@@ -111,10 +115,10 @@ class CaseMetricsReport:
         os.makedirs(self.output_dir, exist_ok=True)
         columns = list(rows[0])
         with open(os.path.join(self.output_dir, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
+            writer = csv.DictWriter(f, fieldnames=["case", "model", *columns[1:]])
             writer.writeheader()
-            writer.writerows(rows)
-        summary: dict = {"num_cases": len(rows)}
+            writer.writerows({**row, "model": self.model} for row in rows)
+        summary: dict = {"model": self.model, "num_cases": len(rows)}
         for column in columns[1:]:
             values = torch.tensor([row[column] for row in rows], dtype=torch.float64)
             finite = values[torch.isfinite(values)]
@@ -130,7 +134,8 @@ class CaseMetricsReport:
             cells = [summary[f"{metric}_{name}"] for name in self.class_names[1:]]
             lines.append(f"{metric:<16}" + "".join(f"{c['mean']:>13.4f} ± {c['std']:<6.4f}" for c in cells))
         logger.info(
-            f"Evaluation of {len(rows)} cases (original grid; tf_soft_dice in the resized space):\n" + "\n".join(lines)
+            f"Evaluation of {len(rows)} cases by {self.model or 'the network'} (original grid; tf_soft_dice in the "
+            "resized space):\n" + "\n".join(lines)
         )
 
 

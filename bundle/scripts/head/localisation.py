@@ -190,6 +190,9 @@ class TemplateRegistration:
         min_brain_outside: a face cuts the brain where at least this share of the registered template brain lies
             beyond it (a field of view that grazes the brain moved the eTIV by under 1%).
         min_held_brain_mm3: less brain than this inside a cut field of view is too little to place the hippocampi.
+        min_cut_mutual_information: a head whose brain the field of view may cut keeps its whole-brain registration
+            only where the mutual information reaches this (real heads as acquired: 0.49-0.64); else it is
+            registered by the part it holds.
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class TemplateRegistration:
         min_cut_section: float = 0.1,
         min_brain_outside: float = 0.005,
         min_held_brain_mm3: float = 300_000.0,
+        min_cut_mutual_information: float = 0.4,
     ) -> None:
         self.template_file = template_file
         self.brain_mask_file = brain_mask_file
@@ -215,7 +219,9 @@ class TemplateRegistration:
         self.min_cut_section = min_cut_section
         self.min_brain_outside = min_brain_outside
         self.min_held_brain_mm3 = min_held_brain_mm3
+        self.min_cut_mutual_information = min_cut_mutual_information
         self.template: sitk.Image | None = None
+        self.held_part_stages = ([2, 1], [2.0, 0.0])
 
     def _load_template(self) -> None:
         """Reads the template on first use, so that runs without heads never touch it."""
@@ -300,16 +306,13 @@ class TemplateRegistration:
         affine.SetTranslation(similarity.GetTranslation())
         return affine
 
-    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = (), initial=None):
+    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = (), stages=([2, 1], [2.0, 0.0])):
         """The affine transform from `images[0]`'s (fixed) points to `images[1]`'s, its final method and the
-        correlation of the registered brains over the fixed brain: from an `initial` affine transform, or from the
-        centres of mass of `masks` (fixed, moving), translations along `search_axes` (LPS axes, +-40 mm),
-        rotations and a similarity; then an affine stage."""
-        if initial is not None:
-            affine = sitk.AffineTransform(initial)
-        else:
-            affine = self._similarity(images, masks, search_axes)
-        method = self._stage(affine, images, [2, 1], [2.0, 0.0])
+        correlation of the registered brains over the fixed brain: from the centres of mass of `masks` (fixed,
+        moving), translations along `search_axes` (LPS axes, +-40 mm), rotations and a similarity; then an affine
+        stage at `stages` (shrink factors, smoothing sigmas in mm)."""
+        affine = self._similarity(images, masks, search_axes)
+        method = self._stage(affine, images, *stages)
         fixed, moving = images[:2]
         registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0))
         inside = sitk.GetArrayViewFromImage(masks[0]) > 0
@@ -337,24 +340,21 @@ class TemplateRegistration:
         )
         # the transform maps template (fixed) LPS points to scan (moving) LPS points
         registration = self._registration(affine, method, correlation, brain_mask_mm3, head, box, candidates)
-        plausible = self._plausible(registration)
-        if candidates and (registration.cut_faces or not plausible):
-            # refined from the whole-brain registration where it is plausible, else searched for along the cut axes
+        whole_brain_failed = registration.mutual_information < self.min_cut_mutual_information
+        if candidates and (whole_brain_failed or not self._plausible(registration)):
+            # too little of the template's brain in the scan (a slab): what the scan holds, searched for along the
+            # cut axes
             direction = np.asarray(head.GetDirection()).reshape(3, 3)
             axes = sorted({int(np.argmax(np.abs(direction[:, axis]))) for axis, _ in candidates})
             scan_to_template, method, correlation = self._affine(
                 (moving, self.template, sitk.BinaryDilate(moving_mask, [2] * 3), True),
                 (moving_mask, self.template_mask),
                 axes,
-                affine.GetInverse() if plausible else None,
+                self.held_part_stages,
             )
-            whole = self._registration(
+            registration = self._registration(
                 scan_to_template.GetInverse(), method, correlation, brain_mask_mm3, head, box, candidates
             )
-            if not whole.cut_faces:  # the faces that called for it, as this registration places the template
-                whole.cut_faces = {name: whole.face_shares[name] for name in registration.cut_faces}
-                whole.etiv_mm3 = None
-            registration = whole
         if registration.etiv_mm3 is not None:
             self._check_brain_volume(brain_mask_mm3)
         self.check(registration)
