@@ -111,7 +111,7 @@ def test_case_metrics_for_a_perfect_prediction(tmp_path):
         assert float(row[f"nsd_{name}"]) == pytest.approx(1.0)
         assert float(row[f"tf_soft_dice_{name}"]) == pytest.approx(1.0)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["num_cases"] == 1 and summary["dice_anterior"]["mean"] == pytest.approx(1.0)
+    assert summary["num_cases"] == 3 and summary["dice_anterior"]["mean"] == pytest.approx(1.0)
 
 
 def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
@@ -147,30 +147,26 @@ def test_evaluate_command_scores_what_inference_writes(synthetic_task, tmp_path,
         synthetic_task,
         "--output_dir",
         str(tmp_path),
-        "--eval_split",
-        "all",
+        "--train_split",
+        "0.75",  # three validation cases
         *flags,
     )
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and {"dice_anterior", "hd95_posterior", "nsd_anterior"} <= set(rows[0])
+    assert len(rows) == 3 and {"dice_anterior", "hd95_posterior", "nsd_anterior"} <= set(rows[0])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["num_cases"] == 12 and "tf_soft_dice_posterior" in summary
+    assert summary["num_cases"] == 3 and "tf_soft_dice_posterior" in summary
     scored = "fold0.pt, fold1.pt, fold2.pt, fold3.pt, fold4.pt" if ensemble == "true" else "model.pt"
     assert summary["model"] == scored and {row["model"] for row in rows} == {scored}
-    assert f"Evaluation of 12 cases by {scored}" in log
+    assert f"Evaluation of 3 cases by {scored}" in log
 
     # the masks inference writes score what evaluation reports: one network, inferer, mapping back and post-processing
-    masks = tmp_path / "masks"
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    for row in rows:
+        os.symlink(os.path.join(synthetic_task, "imagesTr", row["case"]), images / row["case"])
     bundle_command(
-        "run",
-        "--config_file",
-        "configs/inference.yaml",
-        "--dataset_dir",
-        os.path.join(synthetic_task, "imagesTr"),
-        "--output_dir",
-        str(masks),
-        *flags,
+        "run", "--config_file", "configs/inference.yaml", "--dataset_dir", str(images), "--output_dir", str(masks), *flags
     )
     for row in rows:
         name = row["case"][: -len(".nii.gz")]

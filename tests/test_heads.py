@@ -106,10 +106,8 @@ def test_head_volumes_from_the_boxes_agree_with_the_written_masks_and_etiv_with_
         assert float(row["total_mm3"]) == pytest.approx((labels > 0).sum() * voxel, rel=0.04), name
         assert float(row["total_mm3"]) == pytest.approx(float(row["left_total_mm3"]) + float(row["right_total_mm3"]))
         assert float(row["left_total_mm3"]) > 2000 and float(row["right_total_mm3"]) > 2000
-        if name == "cut_face_top":  # its field of view cuts the brain's top: no eTIV, and QC says why
-            assert row["etiv_mm3"] == "" and "the field of view cuts the brain at its top" in row["qc_reasons"]
-            continue
-        # eTIV is the brain mask's volume: the template's is that of its brain mask in atlas/; a changed copy's within 5%
+        # eTIV is the brain mask's volume: the template's is that of its brain mask in atlas/; a changed copy's within
+        # 5% (cut_face_top's field of view grazes the brain's top: 2% of its mask, under what counts as a cut)
         exact = name in ("template", "lps", "freesurfer")
         assert float(row["etiv_mm3"]) == pytest.approx(template_etiv, rel=0.01 if exact else 0.05), name
         assert "field of view" not in row["qc_reasons"], name

@@ -71,7 +71,7 @@ def hostile_files(folder, seed: int = 0) -> dict[str, str]:
     def write(name: str, raw: bytes, what: str, compress: bool = True) -> None:
         path = os.path.join(folder, name + (".nii.gz" if compress else ".nii"))
         with open(path, "wb") as f:
-            f.write(gzip.compress(raw, mtime=0) if compress else raw)
+            f.write(gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw)
         made[os.path.basename(path)] = what
 
     for base, image in _base_images().items():
@@ -91,7 +91,7 @@ def hostile_files(folder, seed: int = 0) -> dict[str, str]:
                 write(f"{base}_{field}{'' if index is None else index}_{value!s}", _raw(image, mutated), field)
         for offset in (1, 10, 100, 347, 348, 352, 452, len(good) // 2, len(good) - 1):
             write(f"{base}_truncated_{offset}", good[:offset], f"cut at byte {offset}", compress=offset % 2 == 0)
-        compressed = gzip.compress(good, mtime=0)
+        compressed = gzip.compress(good, compresslevel=1, mtime=0)
         for offset in (10, 30, len(compressed) // 2, len(compressed) - 8, len(compressed) - 1):
             path = os.path.join(folder, f"{base}_gzip_ends_at_{offset}.nii.gz")
             with open(path, "wb") as f:

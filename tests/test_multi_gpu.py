@@ -70,8 +70,16 @@ def test_one_checkpoint_and_identical_weights_on_both_ranks(distributed_run):
 def test_key_metric_equals_single_process_evaluation(distributed_run):
     bundle, task, log = distributed_run
     (distributed,) = re.findall(r"Epoch\[1\] Metrics -- .*val_mean_dice: ([0-9.]+)", log)
+    # training's validation keeps every piece of a label; evaluation keeps the largest, as inference does, unless told
     single = run_bundle(
-        bundle, "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--dataset_dir", task
+        bundle,
+        "evaluating",
+        "--config_file",
+        "['configs/train.yaml','configs/evaluate.yaml']",
+        "--dataset_dir",
+        task,
+        "--keep_largest",
+        "false",
     )
     (evaluated,) = re.findall(r"Metrics -- .*val_mean_dice: ([0-9.]+)", single)
     assert float(distributed) == pytest.approx(float(evaluated), abs=1e-4)
