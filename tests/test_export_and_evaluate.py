@@ -111,7 +111,7 @@ def test_case_metrics_for_a_perfect_prediction(tmp_path):
         assert float(row[f"nsd_{name}"]) == pytest.approx(1.0)
         assert float(row[f"tf_soft_dice_{name}"]) == pytest.approx(1.0)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["num_cases"] == 3 and summary["dice_anterior"]["mean"] == pytest.approx(1.0)
+    assert summary["num_cases"] == 1 and summary["dice_anterior"]["mean"] == pytest.approx(1.0)
 
 
 def test_case_metrics_use_voxel_spacing_in_mm(tmp_path):
