@@ -138,7 +138,7 @@ def test_bad_weights_or_checkpoint_give_one_line(case, bad_weights, synthetic_ta
             "configs/inference.yaml",
             *scans,
             "--fold_files",
-            "['models/fold0.pt','models/nothing.pt']",
+            "['models/folds/fold0.pt','models/nothing.pt']",
         ], "models/nothing.pt: no such weights or checkpoint file."
     elif case == "corrupt":
         weights = str(bad_weights / "corrupt.pt")

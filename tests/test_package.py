@@ -35,7 +35,7 @@ JUNK = [
     "train.log",
 ]
 
-FOLD_FILES = {f"models/fold{k}.pt" for k in range(5)}  # the crops' ensemble
+FOLD_FILES = {f"models/folds/fold{k}.pt" for k in range(5)}  # the crops' ensemble
 
 
 def clean_env():

@@ -47,7 +47,7 @@ if not __package__:  # run by its file path: the bundle's scripts package is not
 from scripts import as_bool, atomic_write  # noqa: E402
 
 # the single models and the five cross-validation models the crops' ensemble reads (configs/inference.yaml)
-MODEL_FILES = ("model.pt", "model_tf.pt", "model.ts", *(f"fold{k}.pt" for k in range(5)))
+MODEL_FILES = ("model.pt", "model_tf.pt", "model.ts", *(f"folds/fold{k}.pt" for k in range(5)))
 TEMPLATE_FILE = "atlas/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 # over the 1 MB a model-zoo pull request may add; the template must stay byte for byte what registration was tuned on
 LARGE_FILES_LISTED = (*(f"models/{m}" for m in MODEL_FILES), TEMPLATE_FILE)

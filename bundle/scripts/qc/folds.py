@@ -32,7 +32,7 @@ FALSE_ALARMS = 0.05  # the share of accurate crops the review threshold may flag
 def folds(
     dataset_dir: str,
     output_dir: str = "eval/folds",
-    weights_dir: str = "models",
+    weights_dir: str = "models/folds",
     pair_with: str | None = None,
     pair_fold: int | None = None,
     degradations: str | None = None,
