@@ -245,3 +245,9 @@ def test_the_card_names_the_current_version():
         card = f.read()
     named = re.findall(r"Version (\d+\.\d+\.\d+)", card)
     assert len(named) >= 2 and set(named) == {version}, named
+
+
+def test_the_card_fits_the_templates_length():
+    """The model card stays within the template's 300 lines: details live in docs/*.md."""
+    with open(os.path.join(BUNDLE_DIR, "docs", "README.md"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 300
