@@ -221,7 +221,6 @@ class TemplateRegistration:
         self.min_held_brain_mm3 = min_held_brain_mm3
         self.min_cut_mutual_information = min_cut_mutual_information
         self.template: sitk.Image | None = None
-        self.held_part_stages = ([2, 1], [2.0, 0.0])
 
     def _load_template(self) -> None:
         """Reads the template on first use, so that runs without heads never touch it."""
@@ -306,13 +305,13 @@ class TemplateRegistration:
         affine.SetTranslation(similarity.GetTranslation())
         return affine
 
-    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = (), stages=([2, 1], [2.0, 0.0])):
+    def _affine(self, images: tuple, masks: tuple, search_axes: Sequence[int] = ()):
         """The affine transform from `images[0]`'s (fixed) points to `images[1]`'s, its final method and the
         correlation of the registered brains over the fixed brain: from the centres of mass of `masks` (fixed,
         moving), translations along `search_axes` (LPS axes, +-40 mm), rotations and a similarity; then an affine
-        stage at `stages` (shrink factors, smoothing sigmas in mm)."""
+        stage at 4 and 2 mm."""
         affine = self._similarity(images, masks, search_axes)
-        method = self._stage(affine, images, *stages)
+        method = self._stage(affine, images, [2, 1], [2.0, 0.0])
         fixed, moving = images[:2]
         registered = sitk.GetArrayViewFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0))
         inside = sitk.GetArrayViewFromImage(masks[0]) > 0
@@ -350,7 +349,6 @@ class TemplateRegistration:
                 (moving, self.template, sitk.BinaryDilate(moving_mask, [2] * 3), True),
                 (moving_mask, self.template_mask),
                 axes,
-                self.held_part_stages,
             )
             registration = self._registration(
                 scan_to_template.GetInverse(), method, correlation, brain_mask_mm3, head, box, candidates
