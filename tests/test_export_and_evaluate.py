@@ -166,7 +166,14 @@ def test_evaluate_command_scores_what_inference_writes(synthetic_task, tmp_path,
     for row in rows:
         os.symlink(os.path.join(synthetic_task, "imagesTr", row["case"]), images / row["case"])
     bundle_command(
-        "run", "--config_file", "configs/inference.yaml", "--dataset_dir", str(images), "--output_dir", str(masks), *flags
+        "run",
+        "--config_file",
+        "configs/inference.yaml",
+        "--dataset_dir",
+        str(images),
+        "--output_dir",
+        str(masks),
+        *flags,
     )
     for row in rows:
         name = row["case"][: -len(".nii.gz")]

@@ -5,7 +5,6 @@ command line, in bounded memory."""
 
 import gzip
 import os
-import subprocess
 import sys
 import tracemalloc
 
@@ -13,10 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_DIR, template_crop
+from conftest import template_crop
 from scripts.data.headers import MAX_VOXELS, HeaderError, check_header
 from scripts.inference.cases import failure_reason, time_limit
 from scripts.labels import mask_name
+from test_inference import run_inference
 
 # (field, index or None, values): each value in turn, one field at a time
 FIELDS = [
@@ -155,39 +155,21 @@ def test_every_hostile_file_is_refused_named_or_read_as_a_sane_image(campaign):
     assert "crop_good.nii.gz" in made and "head_good.nii.gz" in made
 
 
-def _peak_rss_kb(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
-    """The command's result and its largest resident memory (kB), measured in a process of its own."""
-    measure = (
-        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-        "sys.exit(r.returncode)"
-    )
-    result = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, **kwargs)
-    peak = [line for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB")][-1]
-    return result, int(peak.split()[1])
+# runs the command after it and prints its largest resident memory (kB), measured in a process of its own
+MEASURE_PEAK_RSS = (
+    sys.executable,
+    "-c",
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(r.returncode)",
+)
 
 
 def _inference(input_dir, output_dir):
-    return _peak_rss_kb(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "configs/inference.yaml",
-            "--dataset_dir",
-            str(input_dir),
-            "--output_dir",
-            str(output_dir),
-            "--ensemble",
-            "false",
-            "--report",
-            "false",
-        ],
-        cwd=BUNDLE_DIR,
-        timeout=600,
-    )
+    """The single-model inference command line on `input_dir` and its peak resident memory (kB)."""
+    result = run_inference(input_dir, output_dir, "--ensemble", "false", "--report", "false", prefix=MEASURE_PEAK_RSS)
+    peak = [line for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB")][-1]
+    return result, int(peak.split()[1])
 
 
 def test_hostile_files_beside_good_crops_through_the_command_line(campaign, tmp_path):

@@ -22,9 +22,11 @@ RUN_FILES = ("volumes.csv", "report.html", "qc")
 SINGLE_MODEL = ("--ensemble", "false")
 
 
-def run_inference(input_dir, output_dir, *extra, config="configs/inference.yaml"):
+def run_inference(input_dir, output_dir, *extra, config="configs/inference.yaml", prefix=()):
+    """The inference command line on `input_dir`; `prefix`: a command that runs it (e.g. one that measures it)."""
     return subprocess.run(
         [
+            *prefix,
             sys.executable,
             "-m",
             "monai.bundle",

@@ -107,7 +107,6 @@ class Registration:
     brain_mask_mm3: float = 0.0  # deepbet's mask inside the field of view (the brain and its CSF)
     brain_outside_fov: float = 0.0  # the share of the registered template brain beyond the faces that cut the brain
     cut_faces: dict[str, float] = field(default_factory=dict)  # that share per face ("top", "left", ...)
-    face_shares: dict[str, float] = field(default_factory=dict)  # the same for every face the brain mask reaches
 
     def __call__(self, points_mni: np.ndarray) -> np.ndarray:
         return points_mni @ self.matrix.T + self.offset
@@ -138,7 +137,7 @@ def _normalised_brain(image: sitk.Image, mask: sitk.Image, spacing: float) -> tu
 
 
 def field_of_view_cuts(
-    head: sitk.Image, mask: sitk.Image, min_section: float = 0.25
+    head: sitk.Image, mask: sitk.Image, min_section: float = 0.1
 ) -> tuple[tuple[slice, ...], dict[tuple[int, int], str]]:
     """The scan's field of view on `head`'s grid (numpy slices: the box of its voxels that are not exactly zero, as a
     padded or conformed file holds a cut scan) and the faces of it that cut the brain: those where `mask`'s
@@ -170,12 +169,13 @@ class TemplateRegistration:
     missing skull do not reach the metric.
 
     Where the brain mask reaches a face of the scan's field of view (`field_of_view_cuts`) and at least
-    `min_brain_outside` of the registered template brain lies beyond it, or the registration is implausible, the
-    field of view cuts the brain: the part of the brain the scan holds is registered to the template instead (every
-    voxel near the scan's brain in the metric, the template whole around it), after a search of translations along
-    the cut axes (the held part's centre of mass is not the brain's), and the eTIV is withheld: the registered
-    template brain beyond the cut recovers only about half of the brain that is missing (docs/heads.md, "Fields of
-    view that cut the brain"). The share of the template brain beyond each cutting face is recorded.
+    `min_brain_outside` of the registered template brain lies beyond it, the field of view cuts the brain: the share
+    beyond each cutting face is recorded and the eTIV is withheld (the registered template brain beyond the cut
+    recovers only about half of the brain that is missing: docs/heads.md, "Fields of view that cut the brain"). Where
+    the mask reaches a face and the whole-brain registration is implausible or its mutual information under
+    `min_cut_mutual_information` (a slab), the part of the brain the scan holds is registered to the template
+    instead (every voxel near the scan's brain in the metric, the template whole around it), after a search of
+    translations along the cut axes (the held part's centre of mass is not the brain's).
 
     Args:
         template_file: the template T1 (any resolution; registration runs at `spacing`).
@@ -393,7 +393,6 @@ class TemplateRegistration:
             brain_mask_mm3,
             outside,
             cut,
-            shares,
         )
 
     def _beyond_faces(self, head: sitk.Image, box, faces: dict, matrix_lps: np.ndarray, offset_lps: np.ndarray):
