@@ -32,7 +32,9 @@ NOT_RUN = {
     "bash demo.sh": "the set-up-and-run command itself: it installs the environment these tests run in",
     ".venv/bin/python -m pytest tests": "the test command itself",
     "python -m scripts.data.download": "needs the internet (MSD download)",
-    "docker": "no docker here",
+    "docker": "run by tests/test_bids_app.py, in order, as written, where a Docker daemon runs",
+    "apptainer": "Apptainer cannot be installed here (documented as untested)",
+    "slurm_bids_app.sh": "run by tests/test_bids_app.py against a one-node SLURM, where one runs",
     "--source github": "needs the internet (GitHub release)",
     "--nnodes=2": "needs two machines",
     "tools.head_check check": "a measurement: segments 25 whole heads (minutes); tests/test_heads.py checks its parts",
@@ -231,7 +233,7 @@ def test_documented_command_runs(where, command, workspace):
         pytest.skip(skip)
     if "verify_metadata" in command and not workspace["schema"]:
         pytest.skip("../shared/monai/meta_schema_20240725.json is absent (verify_metadata would download it)")
-    writes_masks = "monai.bundle run" in command and "inference" in command
+    writes_masks = ("monai.bundle run" in command and "inference" in command) or " participant" in command
     out = (
         str(workspace["root"] / f"out{len(workspace['outputs'])}")
         if writes_masks or not workspace["outputs"]
@@ -254,7 +256,9 @@ def test_documented_command_runs(where, command, workspace):
     assert result.returncode == 0, f"{where}: {shlex.join(words)}\n{log[-4000:]}"
     if writes_masks:
         assert glob.glob(os.path.join(out, "**", "*seg.nii.gz"), recursive=True) and "0 failed" in log, log[-2000:]
-        assert os.path.isfile(os.path.join(out, "report.html")) or "--report false" in command
+        assert os.path.isfile(os.path.join(out, "report.html")) or "--report false" in command or "bids_app" in command
+    if "bids_app" in command and " group" in command:
+        assert os.path.isfile(os.path.join(out, "volumes.tsv")) and os.path.isfile(os.path.join(out, "report.html"))
     if "run training" in command:
         assert re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log), log[-2000:]
     if "scripts.data.check_dataset" in command:

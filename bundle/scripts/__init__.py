@@ -60,9 +60,10 @@ def as_bool(value: object) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str, mode: str = "wb", exclusive: bool = False) -> Iterator[IO]:
     """Write `path` through a temporary file in the same folder and a rename: readers (and a process killed
-    while writing) never see a partial file. The folder must exist."""
+    while writing) never see a partial file. The folder must exist. With `exclusive`, a file already at `path`
+    stays: of processes writing it at once, the first to finish writes it (a hard link, which never replaces)."""
     fd, tmp = tempfile.mkstemp(
         dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
     )
@@ -74,7 +75,15 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+        elif not os.path.exists(path):
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: the same content, replaced atomically
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -16,7 +16,7 @@ from scripts.qc.check import CaseRow
 DESCRIPTION = "dataset_description.json"
 DESC = "hippocampus"
 T1W = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_T1w\.nii(?:\.gz)?$")
-BIDS_IGNORE = ["volumes.tsv", "report.html", "sub-*/figures"]
+BIDS_IGNORE = ["volumes.tsv", "report.html", "logs", "sub-*/figures", "sub-*/*_volumes.tsv"]
 
 
 def dataset_root(path: str) -> str | None:
@@ -80,9 +80,15 @@ def derivative_name(path: str) -> str:
     return "_".join(kept + [f"desc-{DESC}", "dseg"])
 
 
-def write_dataset_files(output_dir: str, source_dir: str, metadata: dict) -> None:
+def participant_table(output_dir: str, subject: str) -> str:
+    """The volumes table of participant `subject` written by the BIDS App's participant level."""
+    return os.path.join(output_dir, f"sub-{subject}", f"sub-{subject}_desc-{DESC}_volumes.tsv")
+
+
+def write_dataset_files(output_dir: str, source_dir: str, metadata: dict, exclusive: bool = False) -> None:
     """The derivative dataset's `dataset_description.json`, README, `.bidsignore` and the look-up table of heads'
     labels, `desc-hippocampus_dseg.tsv` (a crop's mask has its own beside it); `metadata`: the bundle's metadata.json.
+    With `exclusive` (participant jobs writing into one folder at once), each file is written only where none is.
     """
     description = {
         "Name": f"{metadata['name']}: masks and volumes",
@@ -99,20 +105,20 @@ def write_dataset_files(output_dir: str, source_dir: str, metadata: dict) -> Non
         "SourceDatasets": [{"URL": f"file://{os.path.abspath(source_dir)}"}],
         "DatasetLinks": {"raw": f"file://{os.path.abspath(source_dir)}"},
     }
-    _write_json(os.path.join(output_dir, DESCRIPTION), description)
-    with atomic_write(os.path.join(output_dir, "README"), "w") as f:
+    _write_json(os.path.join(output_dir, DESCRIPTION), description, exclusive)
+    with atomic_write(os.path.join(output_dir, "README"), "w", exclusive) as f:
         f.write(
             f"Hippocampus masks (anterior and posterior, per side for whole heads) written by {metadata['name']} "
             f"{metadata['version']}; volumes in volumes.tsv, quality review in report.html.\n"
         )
-    with atomic_write(os.path.join(output_dir, ".bidsignore"), "w") as f:
+    with atomic_write(os.path.join(output_dir, ".bidsignore"), "w", exclusive) as f:
         f.write("\n".join(BIDS_IGNORE) + "\n")
-    write_look_up(os.path.join(output_dir, f"desc-{DESC}_dseg.tsv"), "head")
+    write_look_up(os.path.join(output_dir, f"desc-{DESC}_dseg.tsv"), "head", exclusive)
 
 
-def write_look_up(path: str, kind: str) -> None:
+def write_look_up(path: str, kind: str, exclusive: bool = False) -> None:
     """The look-up table of a `kind` (crop or head) mask: each label's name and abbreviation."""
-    with atomic_write(path, "w") as f:
+    with atomic_write(path, "w", exclusive) as f:
         f.write("index\tname\tabbreviation\n")
         for label, side, part in structures(kind):
             words = [word for word in (side, "hippocampus", part) if word]
@@ -159,7 +165,7 @@ def update_qc(mask_file: str, row: CaseRow) -> None:
     _write_json(path, {**sidecar, **_qc_fields(row)})
 
 
-def _write_json(path: str, content: dict) -> None:
-    with atomic_write(path, "w") as f:
+def _write_json(path: str, content: dict, exclusive: bool = False) -> None:
+    with atomic_write(path, "w", exclusive) as f:
         json.dump(content, f, indent=2)
         f.write("\n")

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 
 import torch.distributed as dist
+from monai.utils import look_up_option
 from scripts import BundleError
 from scripts.engine import distributed
 from scripts.engine.inferers import EnsembleInferer
@@ -17,7 +18,7 @@ from scripts.inference import bids
 from scripts.inference.cases import ConfidenceRecorder, SliceSharpnessRecorder, failure_reason
 from scripts.inference.inputs import Inputs
 from scripts.inference.report import write_report
-from scripts.inference.tables import write_volumes
+from scripts.inference.tables import read_rows, write_participant_volumes, write_volumes
 from scripts.qc.check import CaseRow, QualityCheck
 from scripts.qc.pictures import draw_qc_png
 
@@ -148,14 +149,35 @@ class DicomSegs:
 class RunFiles:
     """On the first process, from every process's rows: the volumes table, the BIDS dataset files, the cohort report
     (`html_report`; it draws the pictures of cases an earlier run segmented) and each cohort outlier's sidecar,
-    then the run's summary line."""
+    then the run's summary line.
 
-    def __init__(self, inputs: Inputs, quality: QualityCheck, metadata_file: str, html_report: bool = True) -> None:
+    `bids_level` is the BIDS App's (`scripts.inference.bids_app`): `participant` writes, instead of those, each
+    participant's own volumes table and the dataset files where none are, so that participant jobs can write into one
+    output folder at once; `group` then writes the volumes table, the report and the outliers' sidecars from the
+    participants' tables (`group`); `all` (the command line) is both in one run."""
+
+    def __init__(
+        self,
+        inputs: Inputs,
+        quality: QualityCheck,
+        metadata_file: str,
+        html_report: bool = True,
+        bids_level: str = "all",
+    ) -> None:
         self.inputs, self.quality, self.metadata = inputs, quality, _metadata(metadata_file)
         self.html_report = html_report
+        self.bids_level = look_up_option(bids_level, ("all", "participant", "group"))
 
     def __call__(self, rows: list[CaseRow], failed: list[tuple[str, str]]) -> None:
         inputs = self.inputs
+        if self.bids_level == "participant":
+            bids.write_dataset_files(inputs.output_dir, inputs.root, self.metadata, exclusive=True)
+            tables = write_participant_volumes(inputs, rows, self.quality)
+            logger.info(
+                f"Participant level finished: {len(rows)} written, {len(failed)} failed, volumes in "
+                f"{', '.join(os.path.relpath(table, inputs.output_dir) for table in tables) or 'no table'}."
+            )
+            return
         table_file, table = write_volumes(inputs, rows, self.quality)
         if inputs.bids:
             bids.write_dataset_files(inputs.output_dir, inputs.root, self.metadata)
@@ -180,6 +202,23 @@ class RunFiles:
             f"Inference finished: {len(rows)} written, {len(failed)} failed, {flagged} flagged for review "
             f"in {os.path.basename(table_file)}, output in {inputs.output_dir}."
         )
+
+    def group(self) -> list[tuple[str, str]]:
+        """The group level: the run files from the rows of the participants' tables, with no segmentation; each
+        selected scan without a row is a failure (its participant job failed or has not run). Returns those."""
+        inputs, tables = self.inputs, {}
+        rows, failed = [], []
+        for image in inputs.paths:
+            subject = bids.entities(image)["sub"]
+            if subject not in tables:
+                tables[subject] = read_rows(bids.participant_table(inputs.output_dir, subject), "\t")
+            columns = tables[subject].get(inputs.case(image))
+            if columns is None or not os.path.isfile(inputs.mask_path(image)):
+                failed.append((image, "no mask from the participant level (see its job's log)"))
+            else:
+                rows.append(CaseRow.from_columns(columns))
+        self(rows, failed)
+        return failed
 
 
 def write_outputs(segmented: Sequence, rows: CaseRows, case_outputs: Sequence, run_files: RunFiles) -> None:
