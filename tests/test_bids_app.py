@@ -21,6 +21,10 @@ import pytest
 
 from conftest import BUNDLE_DIR, REPO_DIR, template_crop
 from scripts import atomic_write
+from scripts.inference.bids import participant_table
+from scripts.inference.tables import write_table
+from scripts.labels import PARTS, SIDES
+from scripts.qc.check import CaseRow
 from test_documented_commands import fenced_commands
 from test_inference import run_inference
 from tools.head_check import make_heads
@@ -131,6 +135,34 @@ def test_group_names_the_participants_without_output(data, app_run, tmp_path):
     assert status == 1 and "sub-02_T1w.nii.gz: no mask from the participant level" in log, log[-3000:]
     assert [row["participant_id"] for row in tsv(partial / "volumes.tsv")] == ["sub-01"]
     assert "sub-02" in (partial / "report.html").read_text()
+
+
+def test_the_group_flags_the_cohorts_outliers_as_one_run_does(tmp_path):
+    """21 participants' tables (no segmentation): the group flags the one whose left hippocampus is 60% larger, in
+    volumes.tsv and in its mask's sidecar, as a command-line run of them would (scripts.qc.check's cohort rule)."""
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    (bids).mkdir()
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "cohort", "BIDSVersion": "1.10.0"}))
+    rng = np.random.default_rng(0)
+    for i in range(21):
+        subject = f"{i:02d}"
+        scan = bids / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz"
+        mask = out / MASK.format(subject)
+        for path in (scan, mask):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(path))
+        mask.with_suffix("").with_suffix(".json").write_text(json.dumps({"QC": "pass", "QCReasons": []}))
+        volumes = {f"{side} {part}": 1700 + 50 * rng.standard_normal() for side in SIDES for part in PARTS}
+        if i == 20:
+            volumes = {name: value * (1.6 if name.startswith("left") else 1) for name, value in volumes.items()}
+        row = CaseRow(case=os.path.relpath(scan, bids), kind="head", volumes=volumes, etiv_mm3=1.5e6)
+        write_table(participant_table(str(out), subject), [row], bids=True)
+    status, log = finished(app(bids, out, "group", "--report", "false"))
+    assert status == 0, log[-3000:]
+    flagged = {row["participant_id"]: row["qc_reasons"] for row in tsv(out / "volumes.tsv") if row["qc"] != "pass"}
+    assert list(flagged) == ["sub-20"] and "cohort outlier" in flagged["sub-20"]
+    sidecar = json.loads((out / MASK.format("20")).with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["QC"] == "review" and "cohort outlier" in sidecar["QCReasons"][-1]
 
 
 @pytest.mark.parametrize(
@@ -247,8 +279,18 @@ def dice_per_label(a, b):
 
 
 def test_the_image_segments_a_folder_as_the_command_line_does(data, command_line, image_runs):
-    held = subprocess.run(["docker", "run", "--rm", "--entrypoint", "ls", IMAGE, "/opt/vnet/bundle"], capture_output=True)
-    assert held.stdout.decode().split() == ["LICENSE", "atlas", "configs", "docs", "large_files.yml", "models", "scripts"]
+    held = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "ls", IMAGE, "/opt/vnet/bundle"], capture_output=True
+    )
+    assert held.stdout.decode().split() == [
+        "LICENSE",
+        "atlas",
+        "configs",
+        "docs",
+        "large_files.yml",
+        "models",
+        "scripts",
+    ]
     out = image_runs["places"]["OUT"]
     for case in ("crop", "head"):
         written = os.path.join(out, f"{case}_seg.nii.gz")

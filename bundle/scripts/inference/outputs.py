@@ -151,10 +151,9 @@ class RunFiles:
     (`html_report`; it draws the pictures of cases an earlier run segmented) and each cohort outlier's sidecar,
     then the run's summary line.
 
-    `bids_level` is the BIDS App's (`scripts.inference.bids_app`): `participant` writes, instead of those, each
-    participant's own volumes table and the dataset files where none are, so that participant jobs can write into one
-    output folder at once; `group` then writes the volumes table, the report and the outliers' sidecars from the
-    participants' tables (`group`); `all` (the command line) is both in one run."""
+    `bids_level` is the BIDS App's (`scripts.inference.bids_app`): at `participant`, each participant's own volumes
+    table and the dataset files where none are, instead, so that participant jobs can write into one output folder at
+    once; the `group` method then writes the run files from those tables; `all` (the command line) does both at once."""
 
     def __init__(
         self,
