@@ -70,14 +70,16 @@ def data(tmp_path_factory):
     return {"root": root, "bids": bids, "scans": scans}
 
 
+def cli_run(source, out):
+    result = run_inference(source, out)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def command_line(data):
-    """One BIDS run and one folder run of the command line."""
-    bids_out, folder_out = data["root"] / "cli_bids", data["root"] / "cli_folder"
-    for source, out in ((data["bids"], bids_out), (data["scans"], folder_out)):
-        result = run_inference(source, out)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return {"bids": bids_out, "folder": folder_out}
+    """One BIDS run of the command line."""
+    return cli_run(data["bids"], data["root"] / "cli_bids")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def validator_errors(folder):
 
 
 def test_participant_jobs_at_once_then_group_equal_one_command_line_run(data, command_line, app_run):
-    out, cli = app_run["out"], command_line["bids"]
+    out, cli = app_run["out"], command_line
     for subject in SCANS:
         assert filecmp.cmp(out / MASK.format(subject), cli / MASK.format(subject), shallow=False)
         sidecar = MASK.format(subject).replace(".nii.gz", ".json")
@@ -234,7 +236,7 @@ def concrete(command, places):
 
 
 @pytest.fixture(scope="module")
-def image_runs(data, command_line):
+def image_runs(data):
     """The docs' Docker commands run in order (a build, a folder, participant jobs at once, the group)."""
     reason = daemon_and_base()
     if reason:
@@ -278,7 +280,8 @@ def dice_per_label(a, b):
     }
 
 
-def test_the_image_segments_a_folder_as_the_command_line_does(data, command_line, image_runs):
+def test_the_image_segments_a_folder_as_the_command_line_does(data, image_runs):
+    cli = cli_run(data["scans"], data["root"] / "cli_folder")
     held = subprocess.run(
         ["docker", "run", "--rm", "--entrypoint", "ls", IMAGE, "/opt/vnet/bundle"], capture_output=True
     )
@@ -296,22 +299,24 @@ def test_the_image_segments_a_folder_as_the_command_line_does(data, command_line
         written = os.path.join(out, f"{case}_seg.nii.gz")
         assert os.stat(written).st_uid == int(ANY_UID.split(":")[0])
         # the same torch release (its CUDA build, on the CPU) and bf16 where the CPU has it: identical here
-        assert min(dice_per_label(written, command_line["folder"] / f"{case}_seg.nii.gz").values()) >= 0.999
+        assert min(dice_per_label(written, cli / f"{case}_seg.nii.gz").values()) >= 0.999
 
 
 def test_the_image_as_a_bids_app_equals_the_command_line(data, command_line, image_runs):
-    out, cli = image_runs["places"]["DERIVATIVES"], command_line["bids"]
+    out, cli = image_runs["places"]["DERIVATIVES"], command_line
     for subject in SCANS:
         assert (
             min(dice_per_label(os.path.join(out, MASK.format(subject)), cli / MASK.format(subject)).values()) >= 0.999
         )
+    # the volumes within 0.1%: the same code's bf16 box volumes moved by 1 mm3 on one of the 9 dev heads when run from
+    # another folder, so byte equality is the host's test (test_participant_jobs_at_once_then_group_...)
     image_rows, cli_rows = tsv(os.path.join(out, "volumes.tsv")), tsv(cli / "volumes.tsv")
     assert [row["case"] for row in image_rows] == [row["case"] for row in cli_rows]
     for image_row, cli_row in zip(image_rows, cli_rows):
         assert image_row.keys() == cli_row.keys() and image_row["qc"] == cli_row["qc"]
         for key in (key for key in cli_row if key.endswith("_mm3")):
             assert float(image_row[key]) == pytest.approx(float(cli_row[key]), rel=1e-3), key
-    assert not validator_errors(out)
+    assert os.path.getsize(os.path.join(out, "report.html")) > 0 and not validator_errors(out)
     owners = {os.stat(p).st_uid for p in glob.glob(os.path.join(out, "**", "*"), recursive=True)}
     assert owners == {int(ANY_UID.split(":")[0])}
 
@@ -339,5 +344,5 @@ def test_the_slurm_job_array_then_group_equal_one_command_line_run(data, command
         time.sleep(1)
     logs = "".join(open(p).read() for p in sorted(glob.glob(str(out / "logs" / "*.log"))))
     assert sorted(os.listdir(out / "logs")) == ["group.log", "participant_0.log", "participant_1.log"], logs[-3000:]
-    assert (out / "volumes.tsv").read_bytes() == (command_line["bids"] / "volumes.tsv").read_bytes(), logs[-3000:]
+    assert (out / "volumes.tsv").read_bytes() == (command_line / "volumes.tsv").read_bytes(), logs[-3000:]
     assert all(f"volumes in sub-{s}/sub-{s}_desc-hippocampus_volumes.tsv" in logs for s in SCANS)
