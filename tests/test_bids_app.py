@@ -1,7 +1,8 @@
 """The BIDS App (`scripts.inference.bids_app`) and the image (Dockerfile): participant jobs at once into one output
-folder, then the group level, against one BIDS run of the command line; wrong calls; and the docs' Docker commands
-run as written, as a cluster runs them (read-only, any uid, no network), where a Docker daemon and the image's base
-are here (tests/container/prepare.sh, a step of .ci/run)."""
+folder, then the group level, against one BIDS run of the command line; wrong calls; the docs' Docker commands run as
+written, as a cluster runs them (read-only, any uid, no network), where a Docker daemon and the image's base are here
+(tests/services/docker_image.sh); and the documented SLURM job array, where a SLURM node is idle
+(tests/services/slurm_node.sh). .ci/run runs both set-ups."""
 
 import csv
 import filecmp
@@ -32,19 +33,19 @@ from tools.head_check import make_heads
 SCANS = {"01": "template", "02": "moved0"}  # participant: the head it has
 MASK = "sub-{0}/anat/sub-{0}_desc-hippocampus_dseg.nii.gz"
 IMAGE = "vnet-hippocampus"
-STAND_IN_BASE = "vnet-base:bookworm"  # tests/container/prepare.sh's, where no registry is reachable
+STAND_IN_BASE = "vnet-base:bookworm"  # tests/services/docker_image.sh's, where no registry is reachable
 DOCS = ("README.md", "bundle/docs/README.md")
 ANY_UID = "12345:12345"
 
 
-def app(*args, **kwargs):
+def app(*args):
+    """The BIDS App's command line, started."""
     return subprocess.Popen(
         [sys.executable, "-m", "scripts.inference.bids_app", *map(str, args)],
         cwd=BUNDLE_DIR,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        **kwargs,
     )
 
 
@@ -217,9 +218,11 @@ def docker_commands():
 def daemon_and_base():
     """Why the image cannot be built and run here, or None."""
     if not shutil.which("docker") or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        return "no Docker daemon here (tests/container/prepare.sh, a step of .ci/run, starts one)"
+        return "no Docker daemon here (tests/services/docker_image.sh, a step of .ci/run, starts one)"
     if subprocess.run(["docker", "image", "inspect", STAND_IN_BASE], capture_output=True).returncode != 0:
-        return f"no base image: no registry is reachable, and {STAND_IN_BASE} (tests/container/prepare.sh) is absent"
+        return (
+            f"no base image: no registry is reachable, and {STAND_IN_BASE} (tests/services/docker_image.sh) is absent"
+        )
     return None
 
 
