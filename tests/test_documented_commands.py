@@ -233,7 +233,9 @@ def test_documented_command_runs(where, command, workspace):
         pytest.skip(skip)
     if "verify_metadata" in command and not workspace["schema"]:
         pytest.skip("../shared/monai/meta_schema_20240725.json is absent (verify_metadata would download it)")
-    writes_masks = ("monai.bundle run" in command and "inference" in command) or " participant" in command
+    writes_masks = ("monai.bundle run" in command and "inference" in command) or (
+        "bids_app" in command and " participant" in command
+    )
     out = (
         str(workspace["root"] / f"out{len(workspace['outputs'])}")
         if writes_masks or not workspace["outputs"]
