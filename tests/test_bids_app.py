@@ -25,7 +25,9 @@ from scripts import atomic_write
 from scripts.inference.bids import participant_table
 from scripts.inference.tables import write_table
 from scripts.labels import PARTS, SIDES
+from scripts.qc.calibration import dice
 from scripts.qc.check import CaseRow
+from test_bids import validator_errors
 from test_documented_commands import fenced_commands
 from test_inference import run_inference
 from tools.head_check import make_heads
@@ -100,13 +102,6 @@ def app_run(data):
 def tsv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
-
-
-def validator_errors(folder):
-    validator = shutil.which("bids-validator-deno", path=os.path.dirname(sys.executable))
-    result = subprocess.run([validator, str(folder), "--format", "json"], capture_output=True, text=True, timeout=300)
-    issues = json.loads(result.stdout)["issues"]["issues"]
-    return [issue for issue in issues if issue["severity"] == "error"]
 
 
 def test_participant_jobs_at_once_then_group_equal_one_command_line_run(data, command_line, app_run):
@@ -249,10 +244,11 @@ def image_runs(data):
         places[name] = str(data["root"] / f"image_{name.lower()}")
         os.makedirs(places[name])
         os.chmod(places[name], 0o777)  # the uid the container runs as writes there
-    before = {
-        name: {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(places[name], "**"), recursive=True)}
-        for name in ("IN", "BIDS")
-    }
+
+    def inputs():  # every file and folder of the inputs, with its modification time
+        return {p: os.stat(p).st_mtime_ns for n in ("IN", "BIDS") for p in glob.glob(f"{places[n]}/**", recursive=True)}
+
+    before = inputs()
     logs, pending = [], []
     for command in docker_commands() + [None]:
         if command is None or " participant " not in command:  # participant jobs run at once; the rest in turn
@@ -266,21 +262,13 @@ def image_runs(data):
             job = subprocess.Popen(words, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             pending.append((command, job))
     assert not pending
-    unchanged = {
-        name: {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(places[name], "**"), recursive=True)}
-        for name in ("IN", "BIDS")
-    }
-    assert unchanged == before
+    assert inputs() == before
     return {"places": places, "logs": logs}
 
 
 def dice_per_label(a, b):
     a, b = (np.asarray(nib.load(str(path)).dataobj) for path in (a, b))
-    return {
-        label: 2 * np.sum((a == label) & (b == label)) / (np.sum(a == label) + np.sum(b == label))
-        for label in np.unique(b)
-        if label
-    }
+    return {label: dice(a == label, b == label) for label in np.unique(b) if label}
 
 
 def test_the_image_segments_a_folder_as_the_command_line_does(data, image_runs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import IO
 
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METADATA_FILE = os.path.join(BUNDLE_DIR, "configs", "metadata.json")
 # MONAI warns at every image loader's creation that nvImageCodec (a CUDA DICOM decoder) is missing: not news to a user
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
@@ -45,6 +47,12 @@ def _print_bundle_errors(kind: type, error: BaseException, traceback) -> None:
 
 _default_excepthook = sys.excepthook
 sys.excepthook = _print_bundle_errors
+
+
+def read_metadata(metadata_file: str = METADATA_FILE) -> dict:
+    """The bundle's metadata (configs/metadata.json): its name, version, changelog."""
+    with open(metadata_file, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def as_bool(value: object) -> bool:

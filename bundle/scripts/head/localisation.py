@@ -397,7 +397,7 @@ class TemplateRegistration:
 
     def _beyond_faces(self, head: sitk.Image, box, faces: dict, matrix_lps: np.ndarray, offset_lps: np.ndarray):
         """{face name: which of the registered template brain's points lie beyond that face of the field of view},
-        for the faces that cut the brain."""
+        for the candidate `faces` (`field_of_view_cuts`)."""
         if not faces:
             return {}
         grid = np.asarray(head.GetDirection()).reshape(3, 3) * np.asarray(head.GetSpacing())

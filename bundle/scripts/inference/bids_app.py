@@ -14,14 +14,13 @@ run ...`, `bash`), the image runs that program.
 from __future__ import annotations
 
 import argparse
-import json
 import logging.config
 import os
 import shutil
 import sys
 
 import yaml
-from scripts import BUNDLE_DIR, BundleError, as_bool, find_bundle_error
+from scripts import BUNDLE_DIR, BundleError, as_bool, find_bundle_error, read_metadata
 from scripts.inference import bids
 
 CONFIG = os.path.join("configs", "inference.yaml")
@@ -35,11 +34,6 @@ FIXED = {
     "participant_label",
     "session_label",
 }
-
-
-def _metadata() -> dict:
-    with open(os.path.join(BUNDLE_DIR, "configs", "metadata.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _flag(value: str) -> bool:
@@ -57,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    metadata = _metadata()
+    metadata = read_metadata()
     parser = _Parser(
         prog="python -m scripts.inference.bids_app",
         description=f"{metadata['name']} {metadata['version']}: hippocampus masks and volumes of a BIDS dataset's T1w "

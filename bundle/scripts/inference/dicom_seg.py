@@ -3,14 +3,13 @@ references the source series, for PACS and DICOM viewers."""
 
 from __future__ import annotations
 
-import json
-
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk  # noqa: N813 (SimpleITK's own convention)
 from pydicom.sr.codedict import codes
+from scripts import read_metadata
 from scripts.labels import structures
 
 TYPE_2_COPIED = (
@@ -42,8 +41,7 @@ def write_dicom_seg(series_dir: str, mask_file: str, seg_file: str, kind: str, m
             f"the mask's shape {labels.shape} does not match the series "
             f"({sources[0].Columns} columns, {sources[0].Rows} rows, {len(sources)} slices)"
         )
-    with open(metadata_file, encoding="utf-8") as f:
-        metadata = json.load(f)
+    metadata = read_metadata(metadata_file)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=metadata["name"], version=metadata["version"], family=codes.cid7162.ArtificialIntelligence
     )

@@ -4,14 +4,13 @@ line. MONAI's bundle CLI writes masks only. configs/inference.yaml wires the ste
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 
 import torch.distributed as dist
 from monai.utils import look_up_option
-from scripts import BundleError
+from scripts import BundleError, read_metadata
 from scripts.engine import distributed
 from scripts.engine.inferers import EnsembleInferer
 from scripts.inference import bids
@@ -25,11 +24,6 @@ from scripts.qc.pictures import draw_qc_png
 logger = logging.getLogger(__name__)
 PARALLEL_PICTURES = 32  # from this many pictures on, one process per core draws them
 Written = tuple[str, str, CaseRow, dict | None]  # a written case: image, mask, its row, the head segmenter's result
-
-
-def _metadata(metadata_file: str) -> dict:
-    with open(metadata_file, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class CaseRows:
@@ -117,7 +111,7 @@ class BidsSidecars:
     """In the BIDS layout, each mask's sidecar (`<mask>.json`) and a crop's own look-up table."""
 
     def __init__(self, inputs: Inputs, metadata_file: str) -> None:
-        self.inputs, self.version = inputs, _metadata(metadata_file)["version"]
+        self.inputs, self.version = inputs, read_metadata(metadata_file)["version"]
 
     def __call__(self, image: str, mask: str, row: CaseRow, head: dict | None) -> None:
         if not self.inputs.bids:
@@ -163,7 +157,7 @@ class RunFiles:
         html_report: bool = True,
         bids_level: str = "all",
     ) -> None:
-        self.inputs, self.quality, self.metadata = inputs, quality, _metadata(metadata_file)
+        self.inputs, self.quality, self.metadata = inputs, quality, read_metadata(metadata_file)
         self.html_report = html_report
         self.bids_level = look_up_option(bids_level, ("all", "participant", "group"))
 
